@@ -1,0 +1,383 @@
+"""Kimi-K2 / DeepSeek-V3 forward pass in plain torch (device-agnostic, dtype selectable).
+
+Shape legend: B batch, S new tokens, T cached+new tokens (keys), D hidden, H heads,
+Dn qk_nope_head_dim, Dr qk_rope_head_dim, Dv v_head_dim, C kv_lora_rank, E routed experts, K experts/token.
+
+Module and parameter names follow the Hugging Face checkpoint (``model.layers.3.self_attn.q_a_proj.weight``
+...), so loading is a name-for-name copy.  Routed experts are *not* parameters of this module: every MoE
+layer calls an injected :class:`RoutedExperts` object (token states + chosen expert ids + router weights ->
+output), so the CPU kernels and the offload runtime replace the plain torch implementation below without
+touching the model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kimi_local.config import ModelArgs, yarn_get_mscale
+from kimi_local.fp8 import FP8BlockWeight
+
+
+# ----------------------------------------------------------------------------------------- building blocks
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Variance in fp32 (as HF does): bf16 squares lose too much for 7168-wide rows.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def linear(d_in: int, d_out: int) -> nn.Linear:
+    return nn.Linear(d_in, d_out, bias=False)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)).  Used for the dense layer(s) and the shared expert."""
+
+    def __init__(self, dim: int, inter: int):
+        super().__init__()
+        self.gate_proj = linear(dim, inter)
+        self.up_proj = linear(dim, inter)
+        self.down_proj = linear(inter, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ----------------------------------------------------------------------------------------- RoPE / YaRN
+
+def rope_inv_freq(args: ModelArgs, device=None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [Dr/2] (YaRN-corrected when rope_scaling is yarn) and the cos/sin amplitude.
+
+    YaRN is applied whenever configured, whatever context is allocated (as HF, vLLM and SGLang do).
+    """
+    dim, base = args.qk_rope_head_dim, args.rope_theta
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+    rs = args.yarn
+    if rs is None:
+        return freqs, 1.0
+    factor = float(rs["factor"])
+    orig = float(rs["original_max_position_embeddings"])
+    beta_fast = float(rs.get("beta_fast") or 32)
+    beta_slow = float(rs.get("beta_slow") or 1)
+
+    def corr_dim(n_rot: float) -> float:
+        return dim * math.log(orig / (n_rot * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(corr_dim(beta_fast)), 0)
+    high = min(math.ceil(corr_dim(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
+    freqs = freqs / factor * ramp + freqs * (1 - ramp)
+    # cos/sin amplitude (1.0 for K2 and DeepSeek-V3, whose mscale == mscale_all_dim); rule as in HF.
+    if rs.get("attention_factor") is not None:
+        amp = float(rs["attention_factor"])
+    elif rs.get("mscale") and rs.get("mscale_all_dim"):
+        amp = yarn_get_mscale(factor, float(rs["mscale"])) / yarn_get_mscale(factor, float(rs["mscale_all_dim"]))
+    else:
+        amp = yarn_get_mscale(factor)
+    return freqs, amp
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate **interleaved pairs** (x[2i], x[2i+1]) by angle i — the layout of DeepSeek/Kimi checkpoints.
+
+    x: [B, S, h, Dr]; cos/sin: [S, Dr/2] (fp32).  A half-split (NeoX rotate_half) version would be
+    silently wrong on these weights.
+    """
+    dtype = x.dtype
+    xf = x.float().unflatten(-1, (-1, 2))  # [B, S, h, Dr/2, 2]
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
+    return out.flatten(-2).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------- KV cache
+
+class KVCache:
+    """Preallocated MLA latent cache: per layer, per position, the normalised latent c_kv [C] and the
+    roped shared key k_pe [Dr] — 576 values per token per layer for K2, independent of head count.
+
+    ``forward(tokens, start_pos, cache)`` writes positions start_pos..start_pos+S-1 and attends over
+    [0, start_pos+S); anything beyond is stale and simply overwritten later, so rewinding the cache is
+    just calling forward with a smaller start_pos.
+    """
+
+    def __init__(self, args: ModelArgs, max_len: int, batch: int = 1, device=None, dtype=torch.bfloat16):
+        L = args.num_hidden_layers
+        self.max_len = max_len
+        self.batch = batch
+        self.kv = torch.zeros(L, batch, max_len, args.kv_lora_rank, device=device, dtype=dtype)
+        self.pe = torch.zeros(L, batch, max_len, args.qk_rope_head_dim, device=device, dtype=dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size() + self.pe.numel() * self.pe.element_size()
+
+
+# ----------------------------------------------------------------------------------------- attention
+
+class MLA(nn.Module):
+    """Multi-head latent attention with a naive form (prefill oracle) and an absorbed form (decode)."""
+
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads = args.num_attention_heads
+        self.nope, self.rope, self.v_dim = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
+        self.kv_lora = args.kv_lora_rank
+        self.q_lora = args.q_lora_rank
+        qk = self.nope + self.rope
+        if self.q_lora:
+            self.q_a_proj = linear(args.hidden_size, self.q_lora)
+            self.q_a_layernorm = RMSNorm(self.q_lora, args.rms_norm_eps)
+            self.q_b_proj = linear(self.q_lora, self.n_heads * qk)
+        else:
+            self.q_proj = linear(args.hidden_size, self.n_heads * qk)
+        self.kv_a_proj_with_mqa = linear(args.hidden_size, self.kv_lora + self.rope)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora, args.rms_norm_eps)
+        self.kv_b_proj = linear(self.kv_lora, self.n_heads * (self.nope + self.v_dim))
+        self.o_proj = linear(self.n_heads * self.v_dim, args.hidden_size)
+        self.softmax_scale = args.softmax_scale
+
+    def forward(self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor,
+                cache: Optional[KVCache], mode: str) -> torch.Tensor:
+        B, S, _ = x.shape
+        H = self.n_heads
+        if self.q_lora:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        else:
+            q = self.q_proj(x)
+        q = q.view(B, S, H, self.nope + self.rope)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)  # rope part is the *last* Dr of each head
+        q_pe = apply_rope(q_pe, cos, sin)
+        kv = self.kv_a_proj_with_mqa(x)
+        c_kv, k_pe = kv.split([self.kv_lora, self.rope], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)                               # [B, S, C]
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)      # [B, S, Dr], shared by all heads
+        end = start_pos + S
+        if cache is not None:
+            cache.kv[self.layer_id, :B, start_pos:end] = c_kv.to(cache.kv.dtype)
+            cache.pe[self.layer_id, :B, start_pos:end] = k_pe.to(cache.pe.dtype)
+            c_all = cache.kv[self.layer_id, :B, :end].to(x.dtype)         # [B, T, C]
+            pe_all = cache.pe[self.layer_id, :B, :end].to(x.dtype)        # [B, T, Dr]
+        else:
+            c_all, pe_all = c_kv, k_pe
+        T = end
+        mask = None
+        if S > 1:
+            # Query i sits at absolute position start_pos + i and sees keys 0..start_pos + i.
+            qpos = torch.arange(start_pos, end, device=x.device)[:, None]
+            kpos = torch.arange(T, device=x.device)[None, :]
+            mask = torch.where(kpos > qpos, float("-inf"), 0.0)          # [S, T]
+
+        if mode == "auto":
+            mode = "absorbed" if 4 * S <= T else "naive"
+        if mode == "naive":
+            kvb = self.kv_b_proj(c_all).view(B, T, H, self.nope + self.v_dim)
+            k_nope, v = kvb.split([self.nope, self.v_dim], dim=-1)
+            k = torch.cat([k_nope, pe_all[:, :, None, :].expand(B, T, H, self.rope)], dim=-1)
+            qf = torch.cat([q_nope, q_pe], dim=-1)
+            scores = torch.einsum("bshd,bthd->bsht", qf, k).float() * self.softmax_scale
+            if mask is not None:
+                scores = scores + mask[None, :, None, :]
+            p = scores.softmax(dim=-1).to(x.dtype)
+            o = torch.einsum("bsht,bthd->bshd", p, v)
+        elif mode == "absorbed":
+            # Fold kv_b_proj into the query and the output: attention runs in the C-dim latent space.
+            wkv_b = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.kv_lora)
+            q_lat = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, : self.nope])
+            scores = (torch.einsum("bshc,btc->bsht", q_lat, c_all).float()
+                      + torch.einsum("bshr,btr->bsht", q_pe, pe_all).float()) * self.softmax_scale
+            if mask is not None:
+                scores = scores + mask[None, :, None, :]
+            p = scores.softmax(dim=-1).to(x.dtype)
+            o_lat = torch.einsum("bsht,btc->bshc", p, c_all)
+            o = torch.einsum("bshc,hdc->bshd", o_lat, wkv_b[:, self.nope:])
+        else:
+            raise ValueError(f"unknown attention mode {mode!r}")
+        return self.o_proj(o.reshape(B, S, H * self.v_dim))
+
+
+# ----------------------------------------------------------------------------------------- MoE
+
+class RoutedExperts(Protocol):
+    """What every MoE layer calls for its routed experts.
+
+    ``experts(layer_id, x[N, D], idx[N, K] long, weights[N, K] float32) -> [N, D]`` (x's dtype): for each
+    token, sum over its K chosen experts of weight * down(silu(gate x) * up x).
+    """
+
+    def __call__(self, layer_id: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor: ...
+
+
+class TorchRoutedExperts:
+    """Plain torch routed experts: dequantize-then-matmul per chosen expert, in float32.
+
+    The readable oracle for the CPU kernels and the offload runtime, and the ``torch`` backend.
+    Weights stay in their checkpoint form (FP8 blocks, or dense tensors for unquantised checkpoints).
+    """
+
+    def __init__(self):
+        self.layers: dict[int, dict[int, dict[str, object]]] = {}
+
+    def add(self, layer_id: int, expert_id: int, proj: str, weight) -> None:
+        self.layers.setdefault(layer_id, {}).setdefault(expert_id, {})[proj] = weight
+
+    def expert_ids(self, layer_id: int) -> list[int]:
+        return sorted(self.layers.get(layer_id, {}))
+
+    @staticmethod
+    def _dense(w) -> torch.Tensor:
+        return w.dequantize(torch.float32) if isinstance(w, FP8BlockWeight) else w.float()
+
+    def __call__(self, layer_id: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        experts = self.layers[layer_id]
+        xf = x.float()
+        out = torch.zeros_like(xf)
+        flat = idx.reshape(-1)
+        for e in torch.unique(flat).tolist():
+            tok, slot = torch.nonzero(idx == e, as_tuple=True)
+            w = experts[e]
+            h = xf[tok]
+            a = F.silu(h @ self._dense(w["gate_proj"]).T) * (h @ self._dense(w["up_proj"]).T)
+            y = a @ self._dense(w["down_proj"]).T
+            out.index_add_(0, tok, y * weights[tok, slot, None].float())
+        return out.to(x.dtype)
+
+
+class Gate(nn.Module):
+    """Router: fp32 logits, sigmoid (or softmax) scores, bias for *selection only*, group-limited top-k,
+    normalisation and routed_scaling_factor."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.hidden_size))
+        if args.topk_method == "noaux_tc":
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(args.n_routed_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.args
+        logits = F.linear(x.float(), self.weight.float())              # [N, E]; fp32: near-ties flip top-k
+        scores = logits.sigmoid() if a.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias.float()
+        if a.n_group > 1 and a.topk_method in ("noaux_tc", "group_limited_greedy"):
+            g = choice.view(-1, a.n_group, a.n_routed_experts // a.n_group)
+            if a.topk_method == "noaux_tc":
+                group_scores = g.topk(2, dim=-1)[0].sum(dim=-1)        # [N, G]: sum of each group's top-2
+            else:
+                group_scores = g.amax(dim=-1)
+            keep = group_scores.topk(a.topk_group, dim=-1)[1]
+            gmask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            choice = g.masked_fill(gmask[..., None], float("-inf")).flatten(1)
+        idx = choice.topk(a.num_experts_per_tok, dim=-1)[1]           # [N, K]
+        w = scores.gather(1, idx)                                      # unbiased scores
+        if a.num_experts_per_tok > 1 and a.norm_topk_prob:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        return idx, w * a.routed_scaling_factor
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int, experts: RoutedExperts):
+        super().__init__()
+        self.layer_id = layer_id
+        self.gate = Gate(args)
+        self.shared_experts = (MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts)
+                               if args.n_shared_experts else None)
+        # Plain attribute, not a submodule: the experts live outside the nn.Module tree.
+        self.__dict__["experts"] = experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        h = x.reshape(-1, shape[-1])                                   # [N, D]
+        idx, w = self.gate(h)
+        y = self.experts(self.layer_id, h, idx, w)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(h)
+        return y.view(shape)
+
+
+# ----------------------------------------------------------------------------------------- the model
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int, experts: RoutedExperts):
+        super().__init__()
+        self.self_attn = MLA(args, layer_id)
+        self.mlp = MoE(args, layer_id, experts) if args.is_moe_layer(layer_id) else MLP(args.hidden_size, args.intermediate_size)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, x, start_pos, cos, sin, cache, mode):
+        x = x + self.self_attn(self.input_layernorm(x), start_pos, cos, sin, cache, mode)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class _Decoder(nn.Module):
+    def __init__(self, args: ModelArgs, experts: RoutedExperts):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(Block(args, i, experts) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class KimiModel(nn.Module):
+    """The full causal LM.  ``forward(tokens[B, S], start_pos, cache) -> logits[B, S, V]`` (float32)."""
+
+    def __init__(self, args: ModelArgs, experts: Optional[RoutedExperts] = None):
+        super().__init__()
+        self.args = args
+        self.experts = experts if experts is not None else TorchRoutedExperts()
+        self.model = _Decoder(args, self.experts)
+        self.lm_head = linear(args.hidden_size, args.vocab_size)
+        self.attn_mode = "auto"   # "naive" | "absorbed" | "auto" (absorbed when few new tokens)
+        self._rope: dict = {}
+
+    def set_experts(self, experts: RoutedExperts) -> None:
+        """Swap the routed-expert implementation (torch oracle, Numba kernels, offload runtime)."""
+        self.experts = experts
+        for layer in self.model.layers:
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.__dict__["experts"] = experts
+
+    def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
+        p = self.lm_head.weight
+        return KVCache(self.args, max_len, batch, device=p.device, dtype=p.dtype)
+
+    def _cos_sin(self, start_pos: int, S: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = str(device)
+        if key not in self._rope:
+            self._rope[key] = rope_inv_freq(self.args, device)
+        inv_freq, amp = self._rope[key]
+        pos = torch.arange(start_pos, start_pos + S, device=device, dtype=torch.float32)
+        ang = torch.outer(pos, inv_freq)                              # [S, Dr/2]
+        return ang.cos() * amp, ang.sin() * amp
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: Optional[KVCache] = None,
+                last_only: bool = False) -> torch.Tensor:
+        B, S = tokens.shape
+        if cache is not None and start_pos + S > cache.max_len:
+            raise ValueError(f"positions {start_pos}..{start_pos + S - 1} exceed the KV cache ({cache.max_len})")
+        h = self.model.embed_tokens(tokens)
+        cos, sin = self._cos_sin(start_pos, S, h.device)
+        for layer in self.model.layers:
+            h = layer(h, start_pos, cos, sin, cache, self.attn_mode)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(self.model.norm(h)).float()
