@@ -220,14 +220,19 @@ def _write_shards(out_dir: str, tensors, n_shards: int) -> None:
         json.dump(index, f, indent=2)
 
 
-def make_tiny(out_dir: str, seed: int = 0, variant: str = "k2-0711", n_shards: int = 3) -> str:
-    """Write a complete tiny model directory to ``out_dir`` (created; must not hold a model already)."""
+def make_tiny(out_dir: str, seed: int = 0, variant: str = "k2-0711", n_shards: int = 3,
+              overrides: Optional[dict] = None) -> str:
+    """Write a complete tiny model directory to ``out_dir``.
+
+    ``overrides`` replaces config values (e.g. fewer experts for fast loader tests).
+    """
     if variant not in VARIANTS:
         raise ValueError(f"unknown tiny variant {variant!r}; choose from {', '.join(VARIANTS)}")
     os.makedirs(out_dir, exist_ok=True)
     n_base = write_tokenizer(out_dir)
     cfg = dict(_BASE)
     cfg.update(VARIANTS[variant])
+    cfg.update(overrides or {})
     cfg["vocab_size"] = n_base + N_SPECIAL
     cfg["bos_token_id"] = n_base + K2_SPECIALS["[BOS]"]
     cfg["eos_token_id"] = n_base + K2_SPECIALS["[EOS]"]

@@ -1,0 +1,74 @@
+"""Routed experts held in host RAM as packed FP8 and computed by the Numba CPU kernels.
+
+This is the default expert backend on every machine: the loader hands each expert's three FP8
+projections to :meth:`NumbaRoutedExperts.add`; once all three are in, they are packed straight into the
+layer's :class:`~kimi_local.cpu_kernels.fp8_moe.PackedExperts` (the only copy kept), and a MoE layer
+call runs :func:`~kimi_local.cpu_kernels.fp8_moe.moe_forward` on them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from kimi_local.checkpoint import CheckpointError
+from kimi_local.config import ModelArgs
+from kimi_local.fp8 import FP8BlockWeight
+
+PROJS = ("gate_proj", "up_proj", "down_proj")
+
+
+def fp8_numpy(w: FP8BlockWeight) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 e4m3 bytes, float32 scale grid) numpy views of a CPU FP8BlockWeight."""
+    return w.q.view(torch.uint8).numpy(), w.scale_inv.float().numpy()
+
+
+class NumbaRoutedExperts:
+    """All routed experts of every MoE layer resident in RAM (slot == expert id)."""
+
+    def __init__(self, args: ModelArgs, alloc: Callable = np.empty):
+        from kimi_local.cpu_kernels import fp8_moe
+
+        self.args = args
+        self._k = fp8_moe
+        self.layers = {L: fp8_moe.PackedExperts.allocate(args.n_routed_experts, args.hidden_size,
+                                                         args.moe_intermediate_size, args.weight_block_size, alloc)
+                       for L in args.moe_layer_ids}
+        self._pending: dict[tuple[int, int], dict[str, FP8BlockWeight]] = {}
+        self.compile_seconds: Optional[float] = None
+
+    def add(self, layer_id: int, expert_id: int, proj: str, weight) -> None:
+        if not isinstance(weight, FP8BlockWeight):
+            raise CheckpointError(
+                f"model.layers.{layer_id}.mlp.experts.{expert_id}.{proj}.weight is not FP8: the numba expert "
+                "backend runs block-FP8 experts only (use --expert-backend torch for unquantised checkpoints)")
+        key = (layer_id, expert_id)
+        parts = self._pending.setdefault(key, {})
+        parts[proj] = weight
+        if len(parts) == 3:
+            del self._pending[key]
+            g, u, d = (fp8_numpy(parts[p]) for p in PROJS)
+            try:
+                self.layers[layer_id].set_slot(expert_id, *g, *u, *d)
+            except ValueError as e:  # e.g. an e4m3 NaN code: name the expert
+                raise CheckpointError(f"model.layers.{layer_id}.mlp.experts.{expert_id}: {e}") from None
+
+    def finalize(self) -> None:
+        """Check every expert arrived, then compile the kernels now (never on the first token)."""
+        for L, packed in self.layers.items():
+            missing = np.flatnonzero(~packed.filled)
+            if missing.size:
+                raise CheckpointError(f"model.layers.{L}.mlp.experts.{int(missing[0])}: expert weights incomplete")
+        self.compile_seconds = self._k.warmup()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.layers.values())
+
+    def __call__(self, layer_id: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        xn = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        out = self._k.moe_forward(self.layers[layer_id], xn, idx.to("cpu").numpy(),
+                                  weights.detach().to("cpu", torch.float32).numpy())
+        return torch.from_numpy(out).to(device=x.device, dtype=x.dtype)
