@@ -306,6 +306,14 @@ def load_model(model_dir: str, *, device="cpu", dtype: torch.dtype = torch.bfloa
         model = KimiModel(args, experts)
     param_shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     plan = build_plan(reader, args, param_shapes)
+    # Optional expert-store protocol (the offload runtime): where experts live on disk, and which of
+    # them to read now (a RAM budget below the experts' size leaves the rest on disk until routed to).
+    bind = getattr(experts, "bind_checkpoint", None)
+    if bind is not None:
+        bind(reader.tensors, model_dir)
+    accepts = getattr(experts, "accepts", None)
+    if accepts is not None:
+        plan = [p for p in plan if p.kind != "expert" or accepts(p.layer, p.expert)]
     total = sum(reader.tensors[p.name].nbytes + (reader.tensors[p.scale].nbytes if p.scale else 0) for p in plan)
     done = 0
     block = args.weight_block_size
@@ -333,6 +341,9 @@ def load_model(model_dir: str, *, device="cpu", dtype: torch.dtype = torch.bfloa
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:  # cannot happen when the plan covers every parameter; a guard against future drift
         raise CheckpointError(f"parameter '{left[0]}' was not filled by the checkpoint")
+    attach = getattr(experts, "attach_model", None)
+    if attach is not None:
+        attach(model)
     model.load_seconds = time.perf_counter() - t0
     model.load_bytes = total
     model.eval()

@@ -165,9 +165,13 @@ class Engine:
     def stats(self) -> dict:
         """Cumulative counters since the engine was made, the cache fill, and the last generation's timings."""
         t = dict(self._totals)
-        return {**t, "ctx_len": self.ctx_len, "cache_fill": len(self._cached),
-                "cache_bytes": getattr(self.cache, "nbytes", None),
-                "last": self._last.to_dict() if self._last is not None else None}
+        out = {**t, "ctx_len": self.ctx_len, "cache_fill": len(self._cached),
+               "cache_bytes": getattr(self.cache, "nbytes", None),
+               "last": self._last.to_dict() if self._last is not None else None}
+        expert_stats = getattr(self.model.experts, "stats", None)
+        if expert_stats is not None:  # the offload runtime: hit rates per tier, bytes moved, prediction
+            out["experts"] = expert_stats()
+        return out
 
     def generate(self, prompt_ids: list, params: SamplingParams,
                  cancel: Optional[threading.Event] = None) -> Iterator[GenerationChunk]:

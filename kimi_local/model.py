@@ -374,6 +374,9 @@ class KimiModel(nn.Module):
         B, S = tokens.shape
         if cache is not None and start_pos + S > cache.max_len:
             raise ValueError(f"positions {start_pos}..{start_pos + S - 1} exceed the KV cache ({cache.max_len})")
+        begin = getattr(self.experts, "begin_forward", None)
+        if begin is not None:  # lets an expert store number positions for routing traces
+            begin(start_pos, S)
         h = self.model.embed_tokens(tokens)
         cos, sin = self._cos_sin(start_pos, S, h.device)
         for layer in self.model.layers:
