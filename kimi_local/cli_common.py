@@ -30,14 +30,8 @@ def add_model_args(p: argparse.ArgumentParser, *, ctx: bool = True) -> None:
 
 
 def physical_cores() -> int:
-    try:
-        import psutil
-        n = psutil.cpu_count(logical=False)
-        if n:
-            return int(n)
-    except Exception:
-        pass
-    return os.cpu_count() or 1
+    from kimi_local.cpu_kernels.fp8_moe import physical_cores as cores
+    return cores()
 
 
 def apply_threads(n: Optional[int]) -> int:

@@ -1,0 +1,213 @@
+"""`kimi-local bench kernels`: the CPU FP8 routed-expert kernels against this machine's read-bandwidth ceiling.
+
+Full size (default): Kimi-K2 expert shapes (hidden 7168, moe_intermediate 2048; gate/up 2048x7168, down
+7168x2048, FP8 + 128x128 scales), ``n_experts`` (>= 32) distinct synthetic experts cycled so every decode
+streams its weights from DRAM (32 experts = 1.4 GB >> L3).
+
+Figures (one run, same thread count throughout):
+  decode            1 token x 8 experts (gate, up, SwiGLU, down) per call: weight bytes/s and s per MoE layer
+  mem_read_gbps     streaming-read ceiling (membw.py), best of several passes over >= 2 GiB
+  decode_bw_fraction = decode bytes/s / mem_read_gbps
+  prefill           one MoE layer, 8 experts per token, ~11 tokens per expert (512 * n_experts / 384 tokens):
+                    tokens/s and effective weight bytes/s = tokens * 8 * bytes per expert / time
+  torch_reference   the same decode work through moe_forward_ref (dequantise + matmul), and the speed ratio
+  compile_seconds   first-use compile (or cache load) time of every kernel (warmup())
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+import numpy as np
+
+from . import fp8_moe, membw, simd
+
+K2_HIDDEN, K2_INTER, TOPK = 7168, 2048, 8
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _isa_flags() -> list[str]:
+    want = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512vbmi",
+            "avx512_vnni", "avx512_fp16", "amx_bf16", "amx_int8")
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [w for w in want if w in have]
+    except OSError:
+        pass
+    return sorted(simd.host_features())
+
+
+def _synthetic_experts(n: int, hidden: int, inter: int, seed: int = 0) -> fp8_moe.PackedExperts:
+    """Random non-NaN e4m3 bytes written straight into the packed arrays (layout is irrelevant for random
+    data, and it avoids 1.4 GB of set_slot repacking), scales ~ 2^-8 so activations stay O(1)."""
+    p = fp8_moe.PackedExperts.allocate(n, hidden, inter)
+    rng = np.random.default_rng(seed)
+    for a in (p.w1, p.w3, p.w2):
+        for s in range(n):
+            row = a[s]
+            row[...] = rng.integers(0, 256, row.shape, dtype=np.uint8)
+            row[(row & 0x7F) == 0x7F] = 0x00
+    for a in (p.s1, p.s3, p.s2):
+        a[...] = rng.uniform(0.5, 1.0, a.shape).astype(np.float32) * np.float32(2.0 ** -8)
+    p.filled[:] = True
+    return p
+
+
+def _decode_calls(n_experts: int, n_calls: int):
+    """Slot lists for successive 1-token decode calls: 8 distinct experts each, cycling through all slots."""
+    order = np.arange(n_experts)
+    out = []
+    for i in range(n_calls):
+        sl = np.array([order[(i * TOPK + j) % n_experts] for j in range(TOPK)], np.int32)
+        out.append(sl.reshape(1, TOPK))
+    return out
+
+
+def bench_kernels(threads: int | None = None, quick: bool = False, n_experts: int = 32) -> dict:
+    """Run the kernel benchmark; returns the JSON-able dict (keys: decode, mem_read_gbps, decode_bw_fraction,
+    prefill, torch_reference, compile_seconds, plus extras)."""
+    import torch
+
+    fp8_moe.set_num_threads(threads)
+    nthreads = fp8_moe.get_num_threads()
+    if quick:
+        hidden, inter, n_experts = 512, 256, max(TOPK, min(n_experts, 16))
+        mem_bytes, mem_passes, dec_secs, n_torch = 64 << 20, 2, 0.2, 2
+    else:
+        hidden, inter = K2_HIDDEN, K2_INTER
+        n_experts = max(n_experts, 32)
+        mem_bytes, mem_passes, dec_secs, n_torch = 2 << 30, 4, 2.0, 2
+
+    compile_s = fp8_moe.warmup()
+
+    p = _synthetic_experts(n_experts, hidden, inter)
+    bpe = p.expert_nbytes
+    rng = np.random.default_rng(1)
+
+    # ------------------------------------------------------------------ decode
+    x1 = rng.standard_normal((1, hidden)).astype(np.float32)
+    w1 = np.full((1, TOPK), 1.0 / TOPK, np.float32)
+    calls = _decode_calls(n_experts, max(n_experts // TOPK, 1) * 8)
+    out = np.empty((1, hidden), np.float32)
+    for sl in calls[: max(n_experts // TOPK, 1)]:   # one pass over all experts (page-in, steady state)
+        fp8_moe.moe_forward(p, x1, sl, w1, out)
+    times = []
+    t_end = time.perf_counter() + dec_secs
+    i = 0
+    while time.perf_counter() < t_end or len(times) < 8:
+        t0 = time.perf_counter()
+        fp8_moe.moe_forward(p, x1, calls[i % len(calls)], w1, out)
+        times.append(time.perf_counter() - t0)
+        i += 1
+    times = np.array(times)
+    t_layer = float(np.median(times))
+    dec_bytes = TOPK * bpe
+    decode = {
+        "seconds_per_moe_layer": t_layer,
+        "seconds_per_moe_layer_best": float(times.min()),
+        "weight_bytes_per_layer": dec_bytes,
+        "weight_bytes_per_s": dec_bytes / t_layer,
+        "gbps": dec_bytes / t_layer / 1e9,
+        "gbps_best": dec_bytes / float(times.min()) / 1e9,
+        "calls": int(len(times)),
+        "precision": fp8_moe.get_precision(),
+    }
+
+    # ------------------------------------------------------------------ read ceiling (same thread count)
+    mem = membw.mem_read_gbps(nthreads, nbytes=mem_bytes, passes=mem_passes)
+
+    # ------------------------------------------------------------------ prefill
+    n_tok = max(TOPK, int(round(512 * n_experts / 384)))
+    xs = rng.standard_normal((n_tok, hidden)).astype(np.float32)
+    slots = np.stack([rng.permutation(n_experts)[:TOPK] for _ in range(n_tok)]).astype(np.int32)
+    ws = rng.random((n_tok, TOPK)).astype(np.float32)
+    outp = np.empty((n_tok, hidden), np.float32)
+    fp8_moe.moe_forward(p, xs, slots, ws, outp)
+    pt = []
+    for _ in range(3 if not quick else 2):
+        t0 = time.perf_counter()
+        fp8_moe.moe_forward(p, xs, slots, ws, outp)
+        pt.append(time.perf_counter() - t0)
+    tp = float(min(pt))
+    prefill = {
+        "tokens": n_tok,
+        "tokens_per_expert": n_tok * TOPK / n_experts,
+        "seconds": tp,
+        "tokens_per_s": n_tok / tp,
+        "effective_weight_bytes_per_s": n_tok * TOPK * bpe / tp,
+        "effective_gbps": n_tok * TOPK * bpe / tp / 1e9,
+    }
+
+    # ------------------------------------------------------------------ torch reference (same decode work)
+    tprev = torch.get_num_threads()
+    torch.set_num_threads(nthreads)
+    try:
+        rt = []
+        for j in range(n_torch):
+            t0 = time.perf_counter()
+            fp8_moe.moe_forward_ref(p, x1, calls[j % len(calls)], w1)
+            rt.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(tprev)
+    t_ref = float(min(rt))
+    torch_reference = {
+        "seconds_per_moe_layer": t_ref,
+        "weight_bytes_per_s": dec_bytes / t_ref,
+        "gbps": dec_bytes / t_ref / 1e9,
+        "speedup_numba_over_torch": t_ref / t_layer,
+    }
+
+    return {
+        "decode": decode,
+        "mem_read_gbps": mem,
+        "decode_bw_fraction": decode["gbps"] / mem,
+        "prefill": prefill,
+        "prefill_over_decode": prefill["effective_gbps"] / decode["gbps"],
+        "torch_reference": torch_reference,
+        "compile_seconds": compile_s,
+        "threads": nthreads,
+        "backend": "numba-avx512bf16" if fp8_moe.fast_path_available() else "numba-portable",
+        "shapes": {"hidden": hidden, "inter": inter, "n_experts": n_experts, "topk": TOPK,
+                   "bytes_per_expert": bpe, "quick": quick},
+        "cpu_model": _cpu_model(),
+        "llvm_cpu": simd.host_cpu_name(),
+        "isa_flags": _isa_flags(),
+        "numba_threading_layer": _threading_layer(),
+    }
+
+
+def _threading_layer() -> str:
+    import numba
+    try:
+        return numba.threading_layer()
+    except ValueError:
+        return "not initialised"
+
+
+if __name__ == "__main__":  # python -m kimi_local.cpu_kernels.bench [threads ...] [--quick] [--bf16]
+    import sys
+    args = sys.argv[1:]
+    quick = "--quick" in args
+    if "--bf16" in args:
+        fp8_moe.set_precision("bf16")
+    ths = [int(a) for a in args if a.isdigit()] or [None]
+    for th in ths:
+        print(json.dumps(bench_kernels(th, quick=quick), indent=1))
+        sys.stdout.flush()
+    os._exit(0)

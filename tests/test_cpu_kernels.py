@@ -1,0 +1,281 @@
+"""CPU block-FP8 routed-expert kernels (kimi_local.cpu_kernels) against their torch twin."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kimi_local.cpu_kernels import fp8_moe as m
+
+FAST = m.fast_path_available()
+# (backend env value, precision, relative tolerance vs max |ref|)
+BACKENDS = [("portable", None, 2e-6)]
+if FAST:
+    BACKENDS = [("fast", "bf16x2", 2e-5), ("fast", "bf16", 1.5e-2)] + BACKENDS
+
+
+@pytest.fixture(params=BACKENDS, ids=lambda b: f"{b[0]}-{b[1] or 'f32'}")
+def backend(request, monkeypatch):
+    kind, prec, tol = request.param
+    monkeypatch.setenv("KIMI_CPU_KERNELS_PORTABLE", "1" if kind == "portable" else "0")
+    saved = m.get_precision()
+    if prec:
+        m.set_precision(prec)
+    yield tol
+    m.set_precision(saved)
+
+
+def _rand_q(rng, shape):
+    q = rng.integers(0, 256, shape, dtype=np.uint8)
+    q[(q & 0x7F) == 0x7F] ^= 0x01          # no NaN codes
+    return q
+
+
+def _grid(shape):
+    return (-(-shape[0] // 128), -(-shape[1] // 128))
+
+
+def _make(rng, n, D, I, scale=2.0 ** -8):
+    p = m.PackedExperts.allocate(n, D, I)
+    for s in range(n):
+        def sc(shape):
+            return (rng.uniform(0.5, 2.0, _grid(shape)) * scale).astype(np.float32)
+        p.set_slot(s, _rand_q(rng, (I, D)), sc((I, D)), _rand_q(rng, (I, D)), sc((I, D)),
+                   _rand_q(rng, (D, I)), sc((D, I)))
+    return p
+
+
+def _check(p, x, slots, w, tol):
+    ref = m.moe_forward_ref(p, x, slots, w)
+    got = m.moe_forward(p, x, slots, w)
+    assert got.shape == ref.shape and got.dtype == np.float32
+    assert np.all(np.isfinite(got))
+    scale = max(float(np.abs(ref).max()), 1e-30)
+    err = float(np.abs(got - ref).max()) / scale
+    assert err <= tol, f"max rel error {err:.3g} > {tol}"
+    return got, ref
+
+
+# ------------------------------------------------------------------------------------------- e4m3 decoding
+def test_bitshift_decoder_matches_torch_all_codes():
+    codes = np.arange(256, dtype=np.uint8)
+    want = torch.from_numpy(codes).view(torch.float8_e4m3fn).float().numpy()
+    got = m._bitshift_decode_all()
+    finite = (codes & 0x7F) != 0x7F
+    assert finite.sum() == 254
+    np.testing.assert_array_equal(got[finite].view(np.uint32), want[finite].view(np.uint32))  # bit-exact, +-0
+    sub = finite & ((codes & 0x78) == 0) & ((codes & 0x07) != 0)
+    assert sub.sum() == 14 and np.all(np.abs(got[sub]) < 2.0 ** -6)   # subnormals, exact and non-zero
+    np.testing.assert_array_equal(m.e4m3_decode_table()[finite], want[finite])
+
+
+def test_bf16_tables_match_torch_all_codes():
+    codes = np.arange(128, dtype=np.uint8)
+    want = torch.from_numpy(codes).view(torch.float8_e4m3fn).float().numpy()
+    bits = (m._TBL_HI.astype(np.uint32) << 24) | (m._TBL_LO.astype(np.uint32) << 16)
+    got = bits.view(np.float32)
+    np.testing.assert_array_equal(got[:127], want[:127])
+    # decoded bf16 of subnormal codes are *normal* numbers: no denormal flushing can touch them
+    assert np.all((bits[1:8] >> 23) & 0xFF > 0)
+
+
+def test_denormal_mode_check():
+    """The portable decoder never forms a float32 denormal (FTZ/DAZ safe): every intermediate bit pattern
+    has a non-zero exponent."""
+    for b in range(256):
+        a = b & 0x7F
+        if a == 0x7F:
+            continue
+        bits = (a << 20) + ((120 + (1 if a < 8 else 0)) << 23)
+        assert (bits >> 23) & 0xFF != 0
+
+
+# ------------------------------------------------------------------------------------------- set_slot
+def test_set_slot_validation():
+    rng = np.random.default_rng(0)
+    D, I = 256, 128
+    p = m.PackedExperts.allocate(2, D, I)
+    good = dict(w1_q=_rand_q(rng, (I, D)), w1_s=np.ones((1, 2), np.float32),
+                w3_q=_rand_q(rng, (I, D)), w3_s=np.ones((1, 2), np.float32),
+                w2_q=_rand_q(rng, (D, I)), w2_s=np.ones((2, 1), np.float32))
+    p.set_slot(0, **good)
+    for name, key, bad in [
+        ("w1", "w1_q", _rand_q(rng, (I + 1, D))),
+        ("w3", "w3_q", _rand_q(rng, (I, D)).astype(np.int8)),
+        ("w2", "w2_s", np.ones((2, 2), np.float32)),
+        ("w1", "w1_s", np.ones((1, 2), np.float64)),
+        ("w3", "w3_s", np.array([[1.0, np.inf]], np.float32)),
+        ("w2", "w2_s", np.array([[np.nan], [1.0]], np.float32)),
+    ]:
+        args = dict(good, **{key: bad})
+        with pytest.raises(ValueError, match=name):
+            p.set_slot(1, **args)
+    for code in (0x7F, 0xFF):
+        q = good["w2_q"].copy()
+        q[5, 7] = code
+        with pytest.raises(ValueError, match=r"w2.*NaN"):
+            p.set_slot(1, **dict(good, w2_q=q))
+    assert not p.filled[1]
+    back = p.get_slot(0)
+    for a, b in zip(back, good.values()):
+        np.testing.assert_array_equal(a, b)
+    assert p.nbytes >= 3 * D * I and (p.n_slots, p.hidden, p.inter, p.block) == (2, D, I, (128, 128))
+
+
+def test_allocate_uses_alloc():
+    calls = []
+
+    def alloc(shape, dtype):
+        calls.append((shape, np.dtype(dtype)))
+        return np.empty(shape, dtype)
+
+    m.PackedExperts.allocate(3, 256, 128, alloc=alloc)
+    assert len(calls) == 6 and all(s[0] == 3 for s, _ in calls)
+
+
+# ------------------------------------------------------------------------------------------- kernel vs torch
+@pytest.mark.parametrize("D,I,n,T,k", [
+    (256, 256, 4, 1, 1),      # multiples of 128, decode
+    (256, 128, 8, 1, 8),      # one token, 8 experts
+    (200, 130, 5, 3, 2),      # not multiples of 128 (partial blocks, partial chunks)
+    (384, 320, 6, 17, 4),     # mixed: GEMV and GEMM experts in one call
+    (136, 72, 3, 512, 3),     # many tokens per expert, odd sizes
+])
+def test_moe_vs_reference(backend, D, I, n, T, k):
+    rng = np.random.default_rng(D * 1000 + T)
+    p = _make(rng, n, D, I)
+    x = rng.standard_normal((T, D)).astype(np.float32)
+    slots = np.stack([rng.permutation(n)[:k] for _ in range(T)]).astype(np.int64 if T % 2 else np.int32)
+    if T > 1:
+        slots[0, 0] = -1                    # skipped entry
+    w = rng.random((T, k)).astype(np.float32)
+    _check(p, x, slots, w, backend)
+
+
+def test_skew_unused_and_skipped(backend):
+    rng = np.random.default_rng(7)
+    D, I, n, T, k = 256, 192, 8, 40, 8
+    p = _make(rng, n, D, I)
+    x = rng.standard_normal((T, D)).astype(np.float32)
+    slots = np.full((T, k), -1, np.int32)
+    slots[:, 0] = 3                          # expert 3 chosen by every token
+    slots[::5, 1] = 5                        # expert 5 by a few (GEMM path), 6 by exactly one (GEMV path)
+    slots[7, 2] = 6
+    w = rng.random((T, k)).astype(np.float32)
+    got, ref = _check(p, x, slots, w, backend)
+    # a token whose entries are all -1 gets exactly zero
+    slots2 = slots.copy()
+    slots2[4, :] = -1
+    out = m.moe_forward(p, x, slots2, w)
+    assert np.all(out[4] == 0.0)
+    allneg = m.moe_forward(p, x, np.full((T, k), -1, np.int32), w)
+    assert np.all(allneg == 0.0)
+
+
+def test_all_e4m3_codes_including_subnormals(backend):
+    """Every one of the 254 finite codes (incl. the 14 subnormals) appears in each projection; with one-hot
+    activations the gate/up outputs are exact decoded weights."""
+    D, I = 256, 256
+    rng = np.random.default_rng(3)
+    finite = np.array([c for c in range(256) if (c & 0x7F) != 0x7F], np.uint8)
+
+    def allcodes(shape):
+        q = rng.permutation(np.resize(finite, shape[0] * shape[1])).reshape(shape).astype(np.uint8)
+        return q
+
+    p = m.PackedExperts.allocate(1, D, I)
+    one = lambda s: np.ones(_grid(s), np.float32)  # noqa: E731
+    p.set_slot(0, allcodes((I, D)), one((I, D)), allcodes((I, D)), one((I, D)), allcodes((D, I)),
+               np.full(_grid((D, I)), 2.0 ** -12, np.float32))
+    T = 8
+    x = np.zeros((T, D), np.float32)
+    x[np.arange(T), rng.integers(0, D, T)] = 1.0
+    slots = np.zeros((T, 1), np.int32)
+    w = np.ones((T, 1), np.float32)
+    _check(p, x, slots, w, backend)
+    # subnormal-only weights: results are tiny but must not flush to zero
+    q_sub = rng.integers(1, 8, (I, D)).astype(np.uint8) | (rng.integers(0, 2, (I, D)).astype(np.uint8) << 7)
+    p.set_slot(0, q_sub, one((I, D)), q_sub.copy(), one((I, D)), q_sub.T.copy(), one((D, I)))
+    x = rng.standard_normal((1, D)).astype(np.float32)
+    got, ref = _check(p, x, np.zeros((1, 1), np.int32), np.ones((1, 1), np.float32), backend)
+    assert np.abs(got).max() > 0
+
+
+def test_zero_and_extreme_scales(backend):
+    rng = np.random.default_rng(11)
+    D, I, n, T, k = 384, 256, 3, 9, 2
+    p = m.PackedExperts.allocate(n, D, I)
+    g13, g2 = _grid((I, D)), _grid((D, I))
+    for s in range(n):
+        s1 = rng.choice(np.float32([0.0, 2.0 ** -100, 2.0 ** 40, 1.0]), g13).astype(np.float32)
+        s3 = rng.choice(np.float32([0.0, 2.0 ** -20, 2.0 ** 20, 1.0]), g13).astype(np.float32)
+        s2 = rng.choice(np.float32([0.0, 2.0 ** -60, 2.0 ** -30]), g2).astype(np.float32)
+        s1[0, 0] = 2.0 ** 40
+        s3[0, 0] = 1.0
+        s2[0, 0] = 2.0 ** -60
+        p.set_slot(s, _rand_q(rng, (I, D)), s1, _rand_q(rng, (I, D)), s3, _rand_q(rng, (D, I)), s2)
+    x = rng.standard_normal((T, D)).astype(np.float32)
+    slots = np.stack([rng.permutation(n)[:k] for _ in range(T)]).astype(np.int32)
+    w = rng.random((T, k)).astype(np.float32)
+    _check(p, x, slots, w, backend)
+    # all-zero scales give exact zeros
+    z = m.PackedExperts.allocate(1, D, I)
+    z.set_slot(0, _rand_q(rng, (I, D)), np.zeros(g13, np.float32), _rand_q(rng, (I, D)),
+               np.zeros(g13, np.float32), _rand_q(rng, (D, I)), np.zeros(g2, np.float32))
+    assert np.all(m.moe_forward(z, x, np.zeros((T, 1), np.int32), np.ones((T, 1), np.float32)) == 0.0)
+
+
+def test_thread_count_independent(backend):
+    rng = np.random.default_rng(5)
+    D, I, n, T, k = 256, 384, 6, 24, 4
+    p = _make(rng, n, D, I)
+    x = rng.standard_normal((T, D)).astype(np.float32)
+    slots = np.stack([rng.permutation(n)[:k] for _ in range(T)]).astype(np.int32)
+    w = rng.random((T, k)).astype(np.float32)
+    saved = m.get_num_threads()
+    try:
+        m.set_num_threads(1)
+        a = m.moe_forward(p, x, slots, w)
+        m.set_num_threads(2)
+        b = m.moe_forward(p, x, slots, w)
+    finally:
+        m.set_num_threads(saved)
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * float(np.abs(a).max()))
+
+
+def test_out_argument_and_validation():
+    rng = np.random.default_rng(9)
+    p = _make(rng, 2, 128, 128)
+    x = rng.standard_normal((3, 128)).astype(np.float32)
+    slots = np.array([[0, 1], [1, -1], [0, 0]], np.int32)
+    w = np.ones((3, 2), np.float32)
+    out = np.full((3, 128), np.nan, np.float32)
+    r = m.moe_forward(p, x, slots, w, out=out)
+    assert r is out and np.all(np.isfinite(out))
+    with pytest.raises(ValueError):
+        m.moe_forward(p, x, np.array([[0, 2]] * 3, np.int32), w)
+    with pytest.raises(ValueError):
+        m.moe_forward(p, x[:, :64], slots, w)
+    assert m.moe_forward(p, x[:0], slots[:0], w[:0]).shape == (0, 128)
+
+
+def test_threads_api():
+    saved = m.get_num_threads()
+    m.set_num_threads(None)
+    assert m.get_num_threads() >= 1
+    m.set_num_threads(1)
+    assert m.get_num_threads() == 1
+    with pytest.raises(ValueError):
+        m.set_num_threads(0)
+    m.set_num_threads(saved)
+
+
+def test_warmup_and_quick_bench():
+    assert m.warmup() >= 0.0
+    from kimi_local.cpu_kernels.bench import bench_kernels
+    r = bench_kernels(threads=1, quick=True)
+    for key in ("decode", "mem_read_gbps", "decode_bw_fraction", "prefill", "torch_reference", "compile_seconds"):
+        assert key in r
+    assert r["decode"]["weight_bytes_per_s"] > 0 and r["prefill"]["tokens_per_s"] > 0
+    assert r["torch_reference"]["speedup_numba_over_torch"] > 0
