@@ -11,7 +11,7 @@ from kimi_local.checkpoint import load_model
 from kimi_local.tiny import ensure_tiny
 from kimi_local.tokenizer import KimiTokenizer
 
-from hf_reference import load_hf_reference
+from kimi_local.bench.hf_compare import load_hf_reference
 
 TEXT = (
     "Once upon a time, in a small town near the mountains, there lived a young engineer who loved to "
