@@ -93,6 +93,19 @@ def test_load_quick(tmp_path):
     assert ld["resident_bytes"] > 0 and ld["peak_rss_bytes"] >= ld["baseline_rss_bytes"]
 
 
+def test_offload_quick(tmp_path):
+    doc, out = run_bench(tmp_path, "offload", "--plot", str(tmp_path / "p.png"))
+    off = doc["offload"]
+    budgets = [(r["expert_ram"], r["prefetch"]) for r in off["disk_tier"]]
+    assert budgets == [("100%", True), ("50%", True), ("50%", False), ("25%", True), ("25%", False)]
+    full = off["disk_tier"][0]
+    assert full["ram_hit_rate"] == 1.0 and full["disk_bytes_per_token"] == 0
+    assert all(r["disk_bytes_per_token"] > 0 for r in off["disk_tier"][1:])
+    assert 0 <= off["predictor"]["precision"] <= 1 and 0 <= off["predictor"]["recall"] <= 1
+    assert {r["policy"] for r in off["cachesim"]} == {"lru", "lfu", "predictive"}
+    assert (tmp_path / "p.png").stat().st_size > 0
+
+
 # ------------------------------------------------------------------------------------------ schema unit tests
 
 def _minimal(mode="kernels"):
@@ -122,7 +135,7 @@ def test_schema_names_the_tracked_keys():
                    "kernels.torch_reference", "kernels.compile_seconds"):
         sec, key = dotted.split(".")
         assert key in props[sec]["required"], dotted
-    assert set(MODE_SECTIONS["all"]) == {"e2e", "compare_hf", "kernels", "k2_layer", "k2_projection", "load"}
+    assert set(MODE_SECTIONS["all"]) == {"e2e", "compare_hf", "kernels", "k2_layer", "k2_projection", "load", "offload"}
     assert get({"a": {"b": 3}}, "a.b") == 3
 
 

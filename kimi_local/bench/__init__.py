@@ -10,6 +10,10 @@ Modes (``kimi-local bench [MODE] [--json FILE] [--plot FILE.png] [--quick]``):
 * ``k2-layer``       one full-size K2 MoE layer (synthetic FP8 experts, as many as RAM allows) through the real
                      kernels and dispatch, and the projected full-model decode/prefill tok/s with a what-if table.
 * ``load``           loader throughput from the page cache vs a plain sequential read, and peak RSS vs resident.
+* ``offload``        the disk tier (decode tok/s, RAM hit rate and disk bytes per token at RAM budgets of
+                     100/50/25% of the routed experts, with and without prediction), the layer-ahead
+                     predictor's precision/recall on the model's own routing, and cachesim hit rate vs slots
+                     per policy on a synthetic K2-shaped trace.
 * ``all``            every mode above in one run.
 
 Everything goes into one JSON document (schema: :mod:`kimi_local.bench.schema`); stdout gets a summary.
@@ -23,7 +27,7 @@ import os
 import sys
 import time
 
-MODES = ("e2e", "kernels", "k2-layer", "load", "all")
+MODES = ("e2e", "kernels", "k2-layer", "load", "offload", "all")
 GPUS = ("none", "4090", "h100")
 
 
@@ -85,7 +89,7 @@ def run(args) -> int:
     from kimi_local.bench.schema import validate
     from kimi_local.cli_common import apply_threads
 
-    modes = ("e2e", "kernels", "k2-layer", "load") if args.mode == "all" else (args.mode,)
+    modes = ("e2e", "kernels", "k2-layer", "load", "offload") if args.mode == "all" else (args.mode,)
     threads = apply_threads(args.threads)
     mem = _MemRead(args.quick)
     doc: dict = {
@@ -117,6 +121,11 @@ def run(args) -> int:
         elif mode == "load":
             from kimi_local.bench.load import run_load
             doc["load"] = run_load(args, threads=threads, quick=args.quick, log=_log)
+        elif mode == "offload":
+            from kimi_local.cli_common import resolve_model_dir
+            from kimi_local.offload.bench import bench_offload
+            _log("offload: disk tier at RAM budgets, predictor, cachesim ...")
+            doc["offload"] = bench_offload(resolve_model_dir(args.model), quick=args.quick)
         doc.setdefault("seconds", {})[mode] = time.perf_counter() - t0
     doc.setdefault("seconds", {})["total"] = time.perf_counter() - t_all
     if mem.history:

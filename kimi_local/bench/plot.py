@@ -13,7 +13,8 @@ from kimi_local.bench.schema import SPLIT_KEYS
 
 def _hit_rate_series(doc: dict) -> Optional[dict]:
     """{policy: [(slots, hit_rate)]} from a cache sweep in the document, if any."""
-    sweep = (doc.get("e2e") or {}).get("cache_sweep") or doc.get("cache_sweep")
+    sweep = ((doc.get("e2e") or {}).get("cache_sweep") or (doc.get("offload") or {}).get("cachesim")
+             or doc.get("cache_sweep"))
     if not sweep:
         return None
     out: dict = {}

@@ -121,13 +121,23 @@ LOAD = obj({
     "peak_rss_over_resident": NUM,
 })
 
+_HIT_ROW = obj({"policy": STR, "slots": INT0, "hit_rate": NUM0, "load_bytes_per_token": NUM0,
+                "miss_bytes_per_token": NUM0})
+OFFLOAD = obj({
+    "disk_tier": {"type": "array", "minItems": 1, "items": obj({
+        "expert_ram": STR, "prefetch": BOOL, "decode_tok_s": POS, "ram_hit_rate": NUM0,
+        "disk_bytes_per_token": NUM0, "prediction_precision": NUM_OR_NULL, "prediction_recall": NUM_OR_NULL})},
+    "predictor": obj({"precision": NUM0, "recall": NUM0}),
+    "cachesim": {"type": "array", "minItems": 1, "items": _HIT_ROW},
+})
+
 SCHEMA: dict = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "kimi-local bench",
     **obj({
         "schema_version": {"type": "integer", "enum": [1]},
         "kimi_local_version": STR,
-        "mode": {"type": "string", "enum": ["e2e", "kernels", "k2-layer", "load", "all"]},
+        "mode": {"type": "string", "enum": ["e2e", "kernels", "k2-layer", "load", "offload", "all"]},
         "quick": BOOL,
         "machine": obj({"cpu_model": STR, "isa_flags": {"type": "array", "items": STR}, "physical_cores": INT0,
                         "threads": INT0, "ram_total_bytes": INT0}),
@@ -139,6 +149,7 @@ SCHEMA: dict = {
         "k2_layer": K2_LAYER,
         "k2_projection": K2_PROJECTION,
         "load": LOAD,
+        "offload": OFFLOAD,
     }),
 }
 
@@ -147,8 +158,9 @@ MODE_SECTIONS = {
     "kernels": ("kernels",),
     "k2-layer": ("k2_layer", "k2_projection"),
     "load": ("load",),
+    "offload": ("offload",),
 }
-MODE_SECTIONS["all"] = tuple(s for m in ("e2e", "kernels", "k2-layer", "load") for s in MODE_SECTIONS[m])
+MODE_SECTIONS["all"] = tuple(s for m in ("e2e", "kernels", "k2-layer", "load", "offload") for s in MODE_SECTIONS[m])
 
 
 _TYPES = {
