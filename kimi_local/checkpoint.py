@@ -139,25 +139,40 @@ class CheckpointReader:
             self.tensors = read_safetensors_header(single_path)
         else:
             raise CheckpointError(f"{model_dir}: no {INDEX_NAME} or {SINGLE_NAME} found")
-        self._open: dict[str, object] = {}
+        self._open: dict[str, int] = {}
 
-    def _handle(self, file: str):
-        h = self._open.get(file)
-        if h is None:
-            from safetensors import safe_open
-            h = safe_open(os.path.join(self.model_dir, file), framework="pt", device="cpu")
-            self._open[file] = h
-        return h
+    def _fd(self, file: str) -> int:
+        fd = self._open.get(file)
+        if fd is None:
+            fd = os.open(os.path.join(self.model_dir, file), os.O_RDONLY)
+            self._open[file] = fd
+        return fd
 
     def get(self, name: str) -> torch.Tensor:
+        """Read one tensor with pread into fresh memory: one copy, and no file mapping left behind in
+        this process (mmap'd shards would count the whole checkpoint in its RSS)."""
         info = self.tensors[name]
-        try:
-            return self._handle(info.file).get_tensor(name)
-        except Exception as e:  # corrupt data the header check could not see
-            raise CheckpointError(f"tensor '{name}' in {info.file}: cannot be read ({e})") from None
+        dtype = _ST_DTYPES[info.dtype][0]
+        t = torch.empty(info.shape, dtype=dtype)
+        if info.nbytes:
+            view = memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+            fd, got = self._fd(info.file), 0
+            while got < info.nbytes:
+                n = os.preadv(fd, [view[got:]], info.offset + got)
+                if n <= 0:
+                    raise CheckpointError(f"tensor '{name}' in {info.file}: short read (file changed or truncated)")
+                got += n
+        return t
+
+    def release(self, file: str) -> None:
+        """Close a shard once the file-ordered load has moved past it."""
+        fd = self._open.pop(file, None)
+        if fd is not None:
+            os.close(fd)
 
     def close(self) -> None:
-        self._open.clear()
+        for f in list(self._open):
+            self.release(f)
 
     @property
     def total_bytes(self) -> int:
@@ -318,19 +333,29 @@ def load_model(model_dir: str, *, device="cpu", dtype: torch.dtype = torch.bfloa
     done = 0
     block = args.weight_block_size
     t0 = time.perf_counter()
+    last_use = {}
+    for i, item in enumerate(plan):
+        for n in (item.name, item.scale):
+            if n:
+                last_use[reader.tensors[n].file] = i
     try:
-        for item in plan:
+        for i, item in enumerate(plan):
             w = read_weight(reader, item, block)
             if item.kind == "expert":
                 experts.add(item.layer, item.expert, item.proj, w)
             else:
                 is_fp32 = item.name.endswith("e_score_correction_bias")
                 if isinstance(w, FP8BlockWeight):
-                    t = w.dequantize(dtype)
+                    t = w.dequantize(dtype).to(device)
                 else:
-                    t = w.to(torch.float32 if is_fp32 else dtype)
-                _set_param(model, item.name, t.to(device))
+                    # copy=True: never keep a view of the shard's memory map (it would pin the whole
+                    # mapped shard in this process for the model's lifetime).
+                    t = w.to(device=device, dtype=torch.float32 if is_fp32 else dtype, copy=True)
+                _set_param(model, item.name, t)
             done += reader.tensors[item.name].nbytes + (reader.tensors[item.scale].nbytes if item.scale else 0)
+            del w
+            for f in [f for f, last in last_use.items() if last == i]:
+                reader.release(f)
             if progress is not None:
                 progress(done, total)
         finalize = getattr(experts, "finalize", None)

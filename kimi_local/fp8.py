@@ -64,20 +64,29 @@ def expand_scales(scale_inv: torch.Tensor, shape: tuple[int, int], block: tuple[
 
 
 def dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128),
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+               dtype: torch.dtype = torch.float32, band_rows: int = 4096) -> torch.Tensor:
     """Reference dequantisation: float32(q) * per-block scale, computed in float32, cast at the end.
 
-    Processed in row bands of one block so a large matrix never needs a full-size float32 scale copy.
+    Works on bands of ``band_rows`` rows (a multiple of the block height), each in one broadcast
+    multiply, so a big matrix never needs a full-size float32 copy and a small one costs a few torch ops.
     """
     if q.dtype == torch.uint8:
         q = q.view(FP8_DTYPE)
-    out_rows, in_cols = q.shape
-    out = torch.empty((out_rows, in_cols), dtype=dtype, device=q.device)
+    rows, cols = q.shape
     bo, bi = block
-    for rb in range(0, out_rows, bo):
-        band = q[rb: rb + bo].float()
-        s = scale_inv[rb // bo].float().repeat_interleave(bi)[:in_cols]
-        out[rb: rb + bo] = (band * s).to(dtype)
+    band_rows = max(bo, band_rows // bo * bo)
+    out = torch.empty((rows, cols), dtype=dtype, device=q.device)
+    s_cols = scale_inv.float().repeat_interleave(bi, 1)[:, :cols]           # [row blocks, cols]
+    for r0 in range(0, rows, band_rows):
+        r1 = min(rows, r0 + band_rows)
+        full = (r1 - r0) // bo * bo                                            # rows in whole blocks
+        b0 = r0 // bo
+        if full:
+            blocks = q[r0: r0 + full].float().view(full // bo, bo, cols)
+            blocks.mul_(s_cols[b0: b0 + full // bo, None, :])
+            out[r0: r0 + full] = blocks.view(full, cols).to(dtype)
+        if r0 + full < r1:                                                     # partial last block
+            out[r0 + full: r1] = (q[r0 + full: r1].float() * s_cols[b0 + full // bo]).to(dtype)
     return out
 
 

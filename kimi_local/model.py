@@ -107,6 +107,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # ----------------------------------------------------------------------------------------- KV cache
 
+def attention_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of the attention core (scores, latent products): the activation dtype on accelerators,
+    float32 on CPU, where batched bf16 matmuls run several times slower than float32 ones."""
+    return torch.float32 if x.device.type == "cpu" else x.dtype
+
+
 class KVCache:
     """Preallocated MLA latent cache: per layer, per position, the normalised latent c_kv [C] and the
     roped shared key k_pe [Dr] — 576 values per token per layer for K2, independent of head count.
@@ -152,6 +158,16 @@ class MLA(nn.Module):
         self.kv_b_proj = linear(self.kv_lora, self.n_heads * (self.nope + self.v_dim))
         self.o_proj = linear(self.n_heads * self.v_dim, args.hidden_size)
         self.softmax_scale = args.softmax_scale
+        self._kv_b_cast: Optional[torch.Tensor] = None
+
+    def _kv_b_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """kv_b_proj's weight viewed per head [H, Dn + Dv, C], in the attention dtype (cast once, kept)."""
+        w = self.kv_b_proj.weight
+        if w.dtype != dtype:
+            if self._kv_b_cast is None or self._kv_b_cast.dtype != dtype or self._kv_b_cast.device != w.device:
+                self._kv_b_cast = w.to(dtype)
+            w = self._kv_b_cast
+        return w.view(self.n_heads, self.nope + self.v_dim, self.kv_lora)
 
     def forward(self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor,
                 cache: Optional[KVCache], mode: str) -> torch.Tensor:
@@ -169,13 +185,15 @@ class MLA(nn.Module):
         c_kv = self.kv_a_layernorm(c_kv)                               # [B, S, C]
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)      # [B, S, Dr], shared by all heads
         end = start_pos + S
+        cd = attention_dtype(x)
         if cache is not None:
             cache.kv[self.layer_id, :B, start_pos:end] = c_kv.to(cache.kv.dtype)
             cache.pe[self.layer_id, :B, start_pos:end] = k_pe.to(cache.pe.dtype)
-            c_all = cache.kv[self.layer_id, :B, :end].to(x.dtype)         # [B, T, C]
-            pe_all = cache.pe[self.layer_id, :B, :end].to(x.dtype)        # [B, T, Dr]
+            c_all = cache.kv[self.layer_id, :B, :end].to(cd)              # [B, T, C]
+            pe_all = cache.pe[self.layer_id, :B, :end].to(cd)             # [B, T, Dr]
         else:
-            c_all, pe_all = c_kv, k_pe
+            c_all, pe_all = c_kv.to(cd), k_pe.to(cd)
+        q_nope, q_pe = q_nope.to(cd), q_pe.to(cd)
         T = end
         mask = None
         if S > 1:
@@ -184,31 +202,32 @@ class MLA(nn.Module):
             kpos = torch.arange(T, device=x.device)[None, :]
             mask = torch.where(kpos > qpos, float("-inf"), 0.0)          # [S, T]
 
+        wkv_b = self._kv_b_weight(cd)                                   # [H, Dn + Dv, C]
         if mode == "auto":
             mode = "absorbed" if 4 * S <= T else "naive"
         if mode == "naive":
-            kvb = self.kv_b_proj(c_all).view(B, T, H, self.nope + self.v_dim)
+            kvb = torch.einsum("btc,hdc->bthd", c_all, wkv_b)             # kv_b_proj, per head
             k_nope, v = kvb.split([self.nope, self.v_dim], dim=-1)
             k = torch.cat([k_nope, pe_all[:, :, None, :].expand(B, T, H, self.rope)], dim=-1)
             qf = torch.cat([q_nope, q_pe], dim=-1)
             scores = torch.einsum("bshd,bthd->bsht", qf, k).float() * self.softmax_scale
             if mask is not None:
                 scores = scores + mask[None, :, None, :]
-            p = scores.softmax(dim=-1).to(x.dtype)
+            p = scores.softmax(dim=-1).to(cd)
             o = torch.einsum("bsht,bthd->bshd", p, v)
         elif mode == "absorbed":
             # Fold kv_b_proj into the query and the output: attention runs in the C-dim latent space.
-            wkv_b = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.kv_lora)
             q_lat = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, : self.nope])
             scores = (torch.einsum("bshc,btc->bsht", q_lat, c_all).float()
                       + torch.einsum("bshr,btr->bsht", q_pe, pe_all).float()) * self.softmax_scale
             if mask is not None:
                 scores = scores + mask[None, :, None, :]
-            p = scores.softmax(dim=-1).to(x.dtype)
+            p = scores.softmax(dim=-1).to(cd)
             o_lat = torch.einsum("bsht,btc->bshc", p, c_all)
             o = torch.einsum("bshc,hdc->bshd", o_lat, wkv_b[:, self.nope:])
         else:
             raise ValueError(f"unknown attention mode {mode!r}")
+        o = o.to(x.dtype)
         return self.o_proj(o.reshape(B, S, H * self.v_dim))
 
 
@@ -331,7 +350,10 @@ class Block(nn.Module):
 class _Decoder(nn.Module):
     def __init__(self, args: ModelArgs, experts: RoutedExperts):
         super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        # An explicit weight skips Embedding's random init, whose normal_() on the meta device imports
+        # torch._dynamo (~1 s per load); the loader fills the weight anyway.
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size,
+                                         _weight=torch.empty(args.vocab_size, args.hidden_size))
         self.layers = nn.ModuleList(Block(args, i, experts) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
@@ -357,7 +379,7 @@ class KimiModel(nn.Module):
 
     def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
         p = self.lm_head.weight
-        return KVCache(self.args, max_len, batch, device=p.device, dtype=p.dtype)
+        return KVCache(self.args, max_len, batch, device=p.device, dtype=attention_dtype(p))
 
     def _cos_sin(self, start_pos: int, S: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         key = str(device)
@@ -379,8 +401,16 @@ class KimiModel(nn.Module):
             begin(start_pos, S)
         h = self.model.embed_tokens(tokens)
         cos, sin = self._cos_sin(start_pos, S, h.device)
-        for layer in self.model.layers:
-            h = layer(h, start_pos, cos, sin, cache, self.attn_mode)
-        if last_only:
-            h = h[:, -1:]
-        return self.lm_head(self.model.norm(h)).float()
+        # oneDNN's bf16 matmul is several times slower than ATen's own kernel for a handful of rows
+        # (decode GEMVs) and much faster for many (prefill): pick per forward, restore afterwards.
+        mkldnn_was = torch._C._get_mkldnn_enabled()
+        if h.device.type == "cpu" and B * S <= 8:
+            torch._C._set_mkldnn_enabled(False)
+        try:
+            for layer in self.model.layers:
+                h = layer(h, start_pos, cos, sin, cache, self.attn_mode)
+            if last_only:
+                h = h[:, -1:]
+            return self.lm_head(self.model.norm(h)).float()
+        finally:
+            torch._C._set_mkldnn_enabled(mkldnn_was)

@@ -2,6 +2,7 @@
 
 import os
 
+import kimi_local  # noqa: F401  (sets the OpenMP wait policy before torch starts its thread pool)
 import pytest
 import torch
 

@@ -21,7 +21,7 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def pinned_allocator(enabled: bool) -> tuple[Callable, dict]:
+def pinned_allocator(enabled: bool, fallback: Callable = np.empty) -> tuple[Callable, dict]:
     """An ``alloc(shape, dtype) -> np.ndarray`` that page-locks memory when CUDA is present.
 
     Pinning can fail (RLIMIT_MEMLOCK, container limits); then the buffer falls back to pageable memory
@@ -39,7 +39,7 @@ def pinned_allocator(enabled: bool) -> tuple[Callable, dict]:
             except (RuntimeError, KeyError) as e:  # pinning refused: fall back, remember why
                 report["pin_error"] = str(e).splitlines()[0]
                 log.warning("pinning host memory failed (%s); using pageable memory", report["pin_error"])
-        a = np.empty(shape, dtype)
+        a = fallback(shape, dtype)
         report["pageable_bytes"] += a.nbytes
         return a
 

@@ -38,7 +38,7 @@ from kimi_local.config import ModelArgs
 from kimi_local.errors import UserError
 from kimi_local.fp8 import FP8BlockWeight
 from kimi_local.offload.cuda import CopyStream, cuda_available, pinned_allocator
-from kimi_local.offload.host_experts import PROJS, fp8_numpy
+from kimi_local.offload.host_experts import PROJS, fp8_numpy, hugepage_alloc
 from kimi_local.offload.policies import make_cache
 from kimi_local.offload.predictor import ExpertPredictor, PredictionStats
 
@@ -169,7 +169,7 @@ class OffloadedExperts:
                                         ("cuda" if kind == "cuda" else "cpu"))
         self.fast_slots = opts.fast_slots if kind != "off" else 0
         self.copy = CopyStream(self.fast_device) if kind != "off" else None
-        alloc, self.pin_report = pinned_allocator(kind == "cuda")
+        alloc, self.pin_report = pinned_allocator(kind == "cuda", fallback=hugepage_alloc)
         self.packed = {L: fp8_moe.PackedExperts.allocate(min(self.ram_slots, self.E), args.hidden_size,
                                                          args.moe_intermediate_size, args.weight_block_size, alloc)
                        for L in self.layers}
