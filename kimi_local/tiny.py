@@ -251,20 +251,19 @@ def cache_root() -> str:
     return os.environ.get("KIMI_LOCAL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "kimi-local")
 
 
-def ensure_tiny(seed: int = 0, variant: str = "k2-0711", root: Optional[str] = None) -> str:
-    """Path of the cached tiny model for (seed, variant), building it first if absent.
+def build_cached(path: str, build) -> str:
+    """``path`` if it already holds a model, else ``build(tmp_dir)`` and rename the result into place.
 
-    Built in a temporary directory and renamed into place, so a crash or a concurrent build never
-    leaves a half-written model where a complete one is expected.
+    Built in a temporary directory beside it, so a crash or a concurrent build never leaves a
+    half-written model where a complete one is expected.
     """
-    root = root or cache_root()
-    path = os.path.join(root, f"tiny-{variant}-seed{seed}-v{FORMAT_VERSION}")
     if os.path.isfile(os.path.join(path, "model.safetensors.index.json")):
         return path
+    root = os.path.dirname(path)
     os.makedirs(root, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".building-", dir=root)
     try:
-        make_tiny(tmp, seed=seed, variant=variant)
+        build(tmp)
         try:
             os.rename(tmp, path)
         except OSError:
@@ -274,3 +273,9 @@ def ensure_tiny(seed: int = 0, variant: str = "k2-0711", root: Optional[str] = N
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def ensure_tiny(seed: int = 0, variant: str = "k2-0711", root: Optional[str] = None) -> str:
+    """Path of the cached tiny model for (seed, variant), building it first if absent."""
+    path = os.path.join(root or cache_root(), f"tiny-{variant}-seed{seed}-v{FORMAT_VERSION}")
+    return build_cached(path, lambda d: make_tiny(d, seed=seed, variant=variant))

@@ -15,10 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Callable
 
@@ -37,29 +35,16 @@ def overrides_for(target_bytes: float, quick: bool) -> dict:
 
 
 def ensure_load_model(target_bytes: float, quick: bool, log) -> str:
-    from kimi_local.tiny import FORMAT_VERSION, cache_root, make_tiny
+    from kimi_local.tiny import FORMAT_VERSION, build_cached, cache_root, make_tiny
 
     ov = overrides_for(target_bytes, quick)
     key = hashlib.sha1(json.dumps(ov, sort_keys=True).encode()).hexdigest()[:10]
-    root = cache_root()
-    path = os.path.join(root, f"bench-load-{key}-v{FORMAT_VERSION}")
-    if os.path.isfile(os.path.join(path, "model.safetensors.index.json")):
-        return path
-    os.makedirs(root, exist_ok=True)
-    log(f"load: building the synthetic checkpoint ({ov['n_routed_experts']} experts x "
-        f"{ov['num_hidden_layers'] - 1} MoE layers) in {path} (once) ...")
-    tmp = tempfile.mkdtemp(prefix=".building-", dir=root)
-    try:
-        make_tiny(tmp, seed=0, n_shards=max(3, int(target_bytes // 400e6)), overrides=ov)
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            if not os.path.isfile(os.path.join(path, "model.safetensors.index.json")):
-                raise
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    path = os.path.join(cache_root(), f"bench-load-{key}-v{FORMAT_VERSION}")
+    if not os.path.isfile(os.path.join(path, "model.safetensors.index.json")):
+        log(f"load: building the synthetic checkpoint ({ov['n_routed_experts']} experts x "
+            f"{ov['num_hidden_layers'] - 1} MoE layers) in {path} (once) ...")
+    return build_cached(path, lambda d: make_tiny(d, seed=0, n_shards=max(3, int(target_bytes // 400e6)),
+                                                  overrides=ov))
 
 
 def checkpoint_files(model_dir: str) -> list[str]:
