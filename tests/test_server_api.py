@@ -332,3 +332,18 @@ def test_load_sequential_and_concurrent_streams(live):
         client.close()
     assert rss_after <= 1.10 * rss_warm, (rss_warm, rss_after, time.time() - t0)
     assert httpx.get(live.url + "/health").status_code == 200
+
+
+def test_offload_flags_and_expert_cache_metrics():
+    """serve takes the offload flags every model-loading command has; /metrics then shows the expert-cache
+    figures (per-tier hit rates, bytes moved, prediction precision/recall)."""
+    with SubprocessServer("--expert-ram", "30%", "--gpu-tier", "emulate", "--gpu-expert-slots", "8") as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hello there"}],
+                                           max_tokens=6, temperature=0)
+        assert r.choices[0].finish_reason in ("stop", "length")
+        metrics = httpx.get(srv.url + "/metrics").text
+    names = {line.split()[0].split("{")[0] for line in metrics.splitlines() if line and not line.startswith("#")}
+    for want in ("total_ram_hit_rate", "total_fast_hit_rate", "total_disk_bytes_per_token",
+                 "total_prediction_precision", "total_prediction_recall"):
+        assert any(want in n for n in names), (want, sorted(n for n in names if "experts" in n)[:20])

@@ -16,44 +16,21 @@ from kimi_local.server.settings import ServerSettings
 
 log = logging.getLogger("kimi_local.server")
 
-_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
-           "half": "float16", "fp32": "float32", "float32": "float32", "float": "float32"}
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from kimi_local.cli_common import add_model_args
+
     ServerSettings.add_arguments(parser)
+    add_model_args(parser)
 
 
-def load_engine(settings: ServerSettings, model_dir: Optional[str],
-                progress: Callable[[int, int], None]):
-    """Resolve the model directory (building the tiny demo model if none was given) and load the engine."""
-    import torch
+def load_engine(args: argparse.Namespace, progress: Callable[[int, int], None]):
+    """Load the engine from the shared model flags (the built-in tiny demo model when --model is absent)."""
+    from kimi_local.cli_common import engine_from_args
 
-    from kimi_local.engine import Engine
-    from kimi_local.errors import UserError
-
-    if model_dir is None:
-        from kimi_local.tiny import ensure_tiny
+    if args.model is None:
         log.info("no --model given: using the built-in tiny demo model (random weights)")
-        model_dir = ensure_tiny()
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-        try:
-            import numba
-            numba.set_num_threads(min(settings.threads, numba.config.NUMBA_NUM_THREADS))
-        except ImportError:
-            pass
-    kw = {}
-    if settings.dtype:
-        name = _DTYPES.get(settings.dtype.lower())
-        if name is None:
-            raise UserError(f"--dtype {settings.dtype!r}: choose one of bf16, fp16, fp32")
-        kw["dtype"] = getattr(torch, name)
-    if settings.device:
-        kw["device"] = settings.device
-    engine = Engine.from_model_dir(model_dir, ctx=settings.ctx, expert_backend=settings.expert_backend,
-                                   progress=progress, **kw)
-    return engine, model_dir
+    engine = engine_from_args(args, progress)
+    return engine, engine.model_dir
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,8 +41,8 @@ def run(args: argparse.Namespace) -> int:
     from kimi_local.errors import UserError
 
     settings = ServerSettings.from_args(args)
-    if settings.model is not None and not os.path.isdir(settings.model):
-        raise UserError(f"--model {settings.model}: not a directory")
+    if args.model is not None and not os.path.isdir(args.model):
+        raise UserError(f"--model {args.model}: not a directory")
     logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
@@ -78,12 +55,12 @@ def run(args: argparse.Namespace) -> int:
 
     def load(model_dir, progress):
         try:
-            return load_engine(settings, model_dir, progress)
+            return load_engine(args, progress)
         except BaseException:
             server.should_exit = True  # a server without a model is of no use: stop, and say why below
             raise
 
-    state.load_in_background(settings.model, load)
+    state.load_in_background(args.model, load)
     log.info("serving on http://%s:%d (OpenAI: /v1, Anthropic: /v1/messages); /health shows load progress",
              settings.host, settings.port)
     server.run()

@@ -1,4 +1,6 @@
-"""Server settings: one dataclass that is both the source of the CLI flags and what ``create_app`` reads."""
+"""Server settings: one dataclass that is both the source of the server's own CLI flags and what
+``create_app`` reads.  Model flags (--model, --ctx, --dtype, --threads, offload flags...) are the ones every
+model-loading command shares (:mod:`kimi_local.cli_common`)."""
 
 from __future__ import annotations
 
@@ -18,19 +20,12 @@ def _flag(default, help: str, **argparse_kw):
 
 @dataclass
 class ServerSettings:
-    model: Optional[str] = _flag(None, "model directory (default: the built-in tiny demo model)")
     host: str = _flag("127.0.0.1", "address to bind; use 0.0.0.0 to expose the server on the network")
     port: int = _flag(8000, "port to listen on")
     api_key: Optional[str] = _flag(None, "require this key: 'Authorization: Bearer KEY' (all routes) or "
                                          "'x-api-key: KEY' (Anthropic routes); default: $KIMI_LOCAL_API_KEY")
     alias: Optional[str] = _flag(None, "model id reported by /v1/models and in responses")
-    ctx: Optional[int] = _flag(None, "context length in tokens (default: the model's, capped by the engine "
-                                         "to keep the KV cache small)")
     max_queue: int = _flag(8, "requests allowed to wait while one generates; more get 429")
-    threads: Optional[int] = _flag(None, "CPU threads for the engine (default: all cores)")
-    dtype: Optional[str] = _flag(None, "compute dtype passed to the engine (default: the engine's)")
-    expert_backend: str = _flag("numba", "routed-expert backend passed to the engine")
-    device: Optional[str] = _flag(None, "device for dense weights and attention (default: the engine's)")
     max_body_mb: float = _flag(16.0, "largest request body accepted, in MiB; larger gets 413")
     log_level: str = _flag("info", "uvicorn log level", choices=["critical", "error", "warning", "info", "debug"])
 
