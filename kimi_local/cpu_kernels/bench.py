@@ -6,7 +6,8 @@ streams its weights from DRAM (32 experts = 1.4 GB >> L3).
 
 Figures (one run, same thread count throughout):
   decode            1 token x 8 experts (gate, up, SwiGLU, down) per call: weight bytes/s and s per MoE layer
-  mem_read_gbps     streaming-read ceiling (membw.py), best of several passes over >= 2 GiB
+  mem_read_gbps     streaming-read ceiling (membw.py), best of several passes (two loop variants) over >= 2 GiB,
+                    sampled before and after the decode timing
   decode_bw_fraction = decode bytes/s / mem_read_gbps
   prefill           one MoE layer, 8 experts per token, ~11 tokens per expert (512 * n_experts / 384 tokens):
                     tokens/s and effective weight bytes/s = tokens * 8 * bytes per expert / time
@@ -100,6 +101,12 @@ def bench_kernels(threads: int | None = None, quick: bool = False, n_experts: in
     bpe = p.expert_nbytes
     rng = np.random.default_rng(1)
 
+    # the read ceiling is sampled before and after the decode timing (best of both): on a shared machine the
+    # achievable DRAM rate drifts over seconds, and the ceiling must not be caught in a slow moment
+    membuf = np.empty(mem_bytes // 8, np.uint64)
+    membuf.fill(1)  # touch every page (no zero-page shortcut)
+    mem_before = membw.mem_read_gbps(nthreads, passes=mem_passes, buf=membuf)
+
     # ------------------------------------------------------------------ decode
     x1 = rng.standard_normal((1, hidden)).astype(np.float32)
     w1 = np.full((1, TOPK), 1.0 / TOPK, np.float32)
@@ -130,7 +137,9 @@ def bench_kernels(threads: int | None = None, quick: bool = False, n_experts: in
     }
 
     # ------------------------------------------------------------------ read ceiling (same thread count)
-    mem = membw.mem_read_gbps(nthreads, nbytes=mem_bytes, passes=mem_passes)
+    mem_after = membw.mem_read_gbps(nthreads, passes=mem_passes, buf=membuf)
+    mem = max(mem_before, mem_after)
+    del membuf
 
     # ------------------------------------------------------------------ prefill
     n_tok = max(TOPK, int(round(512 * n_experts / 384)))
@@ -181,6 +190,7 @@ def bench_kernels(threads: int | None = None, quick: bool = False, n_experts: in
         "prefill_over_decode": prefill["effective_gbps"] / decode["gbps"],
         "torch_reference": torch_reference,
         "compile_seconds": compile_s,
+        "mem_read_gbps_samples": [mem_before, mem_after],
         "threads": nthreads,
         "backend": "numba-avx512bf16" if fp8_moe.fast_path_available() else "numba-portable",
         "shapes": {"hidden": hidden, "inter": inter, "n_experts": n_experts, "topk": TOPK,

