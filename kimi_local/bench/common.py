@@ -10,33 +10,6 @@ from typing import Optional
 GB = 1e9
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-ISA_WANTED = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512vbmi",
-              "avx512_vnni", "avx512_fp16", "amx_bf16", "amx_int8", "asimd", "sve")
-
-
-def isa_flags() -> list[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    have = set(line.split(":", 1)[1].split())
-                    return [w for w in ISA_WANTED if w in have]
-    except OSError:
-        pass
-    return []
-
-
 def machine_info(threads: Optional[int] = None) -> dict:
     """CPU model, ISA flags, cores, RAM, GPU (if any): the context every figure needs."""
     import psutil
@@ -47,6 +20,8 @@ def machine_info(threads: Optional[int] = None) -> dict:
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         gpu = {"name": p.name, "memory_bytes": int(p.total_memory)}
+    from kimi_local.sysinfo import cpu_model, isa_flags
+
     return {
         "cpu_model": cpu_model(),
         "isa_flags": isa_flags(),

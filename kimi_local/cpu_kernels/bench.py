@@ -19,39 +19,15 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 
 import numpy as np
 
 from . import fp8_moe, membw, simd
 
+from kimi_local.sysinfo import cpu_model, isa_flags
+
 K2_HIDDEN, K2_INTER, TOPK = 7168, 2048, 8
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _isa_flags() -> list[str]:
-    want = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512vbmi",
-            "avx512_vnni", "avx512_fp16", "amx_bf16", "amx_int8")
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    return [w for w in want if w in have]
-    except OSError:
-        pass
-    return sorted(simd.host_features())
 
 
 def _synthetic_experts(n: int, hidden: int, inter: int, seed: int = 0) -> fp8_moe.PackedExperts:
@@ -195,9 +171,9 @@ def bench_kernels(threads: int | None = None, quick: bool = False, n_experts: in
         "backend": "numba-avx512bf16" if fp8_moe.fast_path_available() else "numba-portable",
         "shapes": {"hidden": hidden, "inter": inter, "n_experts": n_experts, "topk": TOPK,
                    "bytes_per_expert": bpe, "quick": quick},
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "llvm_cpu": simd.host_cpu_name(),
-        "isa_flags": _isa_flags(),
+        "isa_flags": isa_flags() or sorted(simd.host_features()),
         "numba_threading_layer": _threading_layer(),
     }
 

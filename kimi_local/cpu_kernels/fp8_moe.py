@@ -222,7 +222,10 @@ class PackedExperts:
         self.filled = np.zeros(self.n_slots, dtype=bool)
 
     @classmethod
-    def allocate(cls, n_slots: int, hidden: int, inter: int, block=(128, 128), alloc=np.empty) -> "PackedExperts":
+    def allocate(cls, n_slots: int, hidden: int, inter: int, block=(128, 128), alloc=np.empty,
+                 zeroed: bool = False) -> "PackedExperts":
+        """``zeroed=True`` when ``alloc`` returns zero-filled memory (an anonymous mapping): the explicit
+        fill is skipped, so pages are first touched when a slot is written, not all up front."""
         block = tuple(int(b) for b in block)
         if block != (128, 128):
             # the kernels assume the scale block covers whole 64-column chunks and 4-row groups
@@ -241,10 +244,9 @@ class PackedExperts:
         s1 = alloc((n_slots,) + g13, np.float32)
         s3 = alloc((n_slots,) + g13, np.float32)
         s2 = alloc((n_slots,) + g2, np.float32)
-        for a in (w1, w3, w2):
-            a[...] = 0
-        for a in (s1, s3, s2):
-            a[...] = 0.0
+        if not zeroed:  # padding must decode to +0
+            for a in (w1, w3, w2, s1, s3, s2):
+                a[...] = 0
         return cls(n_slots, D, I, block, w1, w3, w2, s1, s3, s2)
 
     @property

@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 from kimi_local.config import ModelArgs
 from kimi_local.offload.placement import GiB, MiB, format_bytes, kimi_k2_args, model_sizes, parse_size
+from kimi_local.sysinfo import cpuinfo
 
 VERDICTS = ("ok", "warn", "bad")
 
@@ -37,25 +38,6 @@ class Check:
 # ---------------------------------------------------------------------------------------------- CPU
 
 
-def _cpuinfo() -> tuple[str, set[str]]:
-    """(model name, ISA flags) from /proc/cpuinfo; ("", empty) where it does not exist."""
-    name, flags = "", set()
-    try:
-        with open("/proc/cpuinfo", "r", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name" and not name:
-                    name = value.strip()
-                elif key == "flags" and not flags:
-                    flags = set(value.split())
-                if name and flags:
-                    break
-    except OSError:
-        pass
-    return name or platform.processor() or platform.machine(), flags
-
-
 # Our name -> /proc/cpuinfo flag.
 ISA_FLAGS = {
     "avx2": "avx2", "fma": "fma", "f16c": "f16c", "avx512f": "avx512f", "avx512bw": "avx512bw",
@@ -66,7 +48,7 @@ ISA_FLAGS = {
 
 def check_cpu() -> Check:
     """CPU model and the ISA features the FP8 expert kernels can use (anchors §7)."""
-    name, flags = _cpuinfo()
+    name, flags = cpuinfo()
     isa = {k: (v in flags) for k, v in ISA_FLAGS.items()}
     have = [k for k, v in isa.items() if v and k not in ("fma", "f16c")]
     value = f"{name}; " + (", ".join(have) if have else "no AVX2/AVX-512")

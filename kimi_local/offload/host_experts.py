@@ -55,7 +55,8 @@ class NumbaRoutedExperts:
         self.args = args
         self._k = fp8_moe
         self.layers = {L: fp8_moe.PackedExperts.allocate(args.n_routed_experts, args.hidden_size,
-                                                         args.moe_intermediate_size, args.weight_block_size, alloc)
+                                                         args.moe_intermediate_size, args.weight_block_size, alloc,
+                                                         zeroed=alloc is hugepage_alloc)
                        for L in args.moe_layer_ids}
         self._pending: dict[tuple[int, int], dict[str, FP8BlockWeight]] = {}
         self.compile_seconds: Optional[float] = None

@@ -171,7 +171,8 @@ class OffloadedExperts:
         self.copy = CopyStream(self.fast_device) if kind != "off" else None
         alloc, self.pin_report = pinned_allocator(kind == "cuda", fallback=hugepage_alloc)
         self.packed = {L: fp8_moe.PackedExperts.allocate(min(self.ram_slots, self.E), args.hidden_size,
-                                                         args.moe_intermediate_size, args.weight_block_size, alloc)
+                                                         args.moe_intermediate_size, args.weight_block_size, alloc,
+                                                         zeroed=kind != "cuda")   # pinned memory is not zeroed
                        for L in self.layers}
         # expert -> RAM slot, per layer; with everything resident, slot == expert.
         self.slot_of: dict[int, dict[int, int]] = {L: {} for L in self.layers}
