@@ -4,8 +4,11 @@ import os as _os
 
 __version__ = "0.1.0"
 
-# torch and the Numba kernels each run an OpenMP thread pool.  With the default (spinning) wait policy
-# an idle pool keeps its threads busy-waiting, stealing the cores the other pool needs: measured here,
-# decode of the tiny model fell from ~350 to ~3 tok/s.  Passive waiting must be chosen before either
-# OpenMP runtime starts, i.e. before torch is imported; a value the user set is kept.
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# torch and the Numba kernels each run a GNU OpenMP thread pool, used alternately many times per token.
+# libgomp's default lets idle threads spin for 300,000 iterations, long enough that one pool's spinning
+# threads steal the cores the other pool needs: measured on a busy 2-core machine, decode of the tiny
+# model fell to ~2 tok/s.  Never sleeping (OMP_WAIT_POLICY=PASSIVE) costs a wake-up per op (~140 tok/s);
+# a short spin keeps threads hot between back-to-back ops and yields soon after (~420 tok/s, busy or
+# idle).  Must be set before either OpenMP runtime starts (before torch is imported); user settings win.
+if "OMP_WAIT_POLICY" not in _os.environ:
+    _os.environ.setdefault("GOMP_SPINCOUNT", "30000")

@@ -12,6 +12,7 @@ touching the model.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Protocol
 
@@ -33,8 +34,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Variance in fp32 (as HF does): bf16 squares lose too much for 7168-wide rows.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        xf = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)   # x * rsqrt(mean(x^2) + eps), one op
         return self.weight * xf.to(x.dtype)
 
 
@@ -91,21 +91,38 @@ def rope_inv_freq(args: ModelArgs, device=None) -> tuple[torch.Tensor, float]:
     return freqs, amp
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rope_rotation(inv_freq: torch.Tensor, amp: float, start_pos: int, S: int) -> torch.Tensor:
+    """[S, Dr/2] complex rotations amp * e^{i pos * freq} for positions start_pos..start_pos+S-1."""
+    pos = torch.arange(start_pos, start_pos + S, device=inv_freq.device, dtype=torch.float32)
+    ang = torch.outer(pos, inv_freq)
+    return torch.polar(torch.full_like(ang, amp), ang)
+
+
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     """Rotate **interleaved pairs** (x[2i], x[2i+1]) by angle i — the layout of DeepSeek/Kimi checkpoints.
 
-    x: [B, S, h, Dr]; cos/sin: [S, Dr/2] (fp32).  A half-split (NeoX rotate_half) version would be
-    silently wrong on these weights.
+    x: [B, S, h, Dr]; rot: [S, Dr/2] complex64 (amplitude * e^{i angle}).  Each pair is read as the
+    complex number x[2i] + i x[2i+1] and multiplied by rot.  A half-split (NeoX rotate_half) version
+    would be silently wrong on these weights.
     """
-    dtype = x.dtype
-    xf = x.float().unflatten(-1, (-1, 2))  # [B, S, h, Dr/2, 2]
-    x0, x1 = xf[..., 0], xf[..., 1]
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
-    return out.flatten(-2).to(dtype)
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))     # [B, S, h, Dr/2]
+    return torch.view_as_real(xc * rot[None, :, None, :]).flatten(-2).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------- KV cache
+
+@contextlib.contextmanager
+def matmul_backend_for(device: torch.device, n_tokens: int):
+    """On CPU, route a forward of a handful of tokens (decode) around oneDNN: its bf16 matmul is several
+    times slower than ATen's own kernel for GEMVs, and much faster for many rows (prefill)."""
+    was = torch._C._get_mkldnn_enabled()
+    if device.type == "cpu" and n_tokens <= 8:
+        torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(was)
+
 
 def attention_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype of the attention core (scores, latent products): the activation dtype on accelerators,
@@ -169,7 +186,7 @@ class MLA(nn.Module):
             w = self._kv_b_cast
         return w.view(self.n_heads, self.nope + self.v_dim, self.kv_lora)
 
-    def forward(self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor,
+    def forward(self, x: torch.Tensor, start_pos: int, rot: torch.Tensor,
                 cache: Optional[KVCache], mode: str) -> torch.Tensor:
         B, S, _ = x.shape
         H = self.n_heads
@@ -179,11 +196,11 @@ class MLA(nn.Module):
             q = self.q_proj(x)
         q = q.view(B, S, H, self.nope + self.rope)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)  # rope part is the *last* Dr of each head
-        q_pe = apply_rope(q_pe, cos, sin)
+        q_pe = apply_rope(q_pe, rot)
         kv = self.kv_a_proj_with_mqa(x)
         c_kv, k_pe = kv.split([self.kv_lora, self.rope], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)                               # [B, S, C]
-        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)      # [B, S, Dr], shared by all heads
+        k_pe = apply_rope(k_pe.unsqueeze(2), rot).squeeze(2)           # [B, S, Dr], shared by all heads
         end = start_pos + S
         cd = attention_dtype(x)
         if cache is not None:
@@ -342,8 +359,8 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x, start_pos, cos, sin, cache, mode):
-        x = x + self.self_attn(self.input_layernorm(x), start_pos, cos, sin, cache, mode)
+    def forward(self, x, start_pos, rot, cache, mode):
+        x = x + self.self_attn(self.input_layernorm(x), start_pos, rot, cache, mode)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -381,14 +398,12 @@ class KimiModel(nn.Module):
         p = self.lm_head.weight
         return KVCache(self.args, max_len, batch, device=p.device, dtype=attention_dtype(p))
 
-    def _cos_sin(self, start_pos: int, S: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rotation(self, start_pos: int, S: int, device) -> torch.Tensor:
+        """[S, Dr/2] complex rotations for positions start_pos..start_pos+S-1 (YaRN frequencies, amplitude)."""
         key = str(device)
         if key not in self._rope:
             self._rope[key] = rope_inv_freq(self.args, device)
-        inv_freq, amp = self._rope[key]
-        pos = torch.arange(start_pos, start_pos + S, device=device, dtype=torch.float32)
-        ang = torch.outer(pos, inv_freq)                              # [S, Dr/2]
-        return ang.cos() * amp, ang.sin() * amp
+        return rope_rotation(*self._rope[key], start_pos, S)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: Optional[KVCache] = None,
@@ -400,17 +415,10 @@ class KimiModel(nn.Module):
         if begin is not None:  # lets an expert store number positions for routing traces
             begin(start_pos, S)
         h = self.model.embed_tokens(tokens)
-        cos, sin = self._cos_sin(start_pos, S, h.device)
-        # oneDNN's bf16 matmul is several times slower than ATen's own kernel for a handful of rows
-        # (decode GEMVs) and much faster for many (prefill): pick per forward, restore afterwards.
-        mkldnn_was = torch._C._get_mkldnn_enabled()
-        if h.device.type == "cpu" and B * S <= 8:
-            torch._C._set_mkldnn_enabled(False)
-        try:
+        rot = self._rotation(start_pos, S, h.device)
+        with matmul_backend_for(h.device, B * S):
             for layer in self.model.layers:
-                h = layer(h, start_pos, cos, sin, cache, self.attn_mode)
+                h = layer(h, start_pos, rot, cache, self.attn_mode)
             if last_only:
                 h = h[:, -1:]
             return self.lm_head(self.model.norm(h)).float()
-        finally:
-            torch._C._set_mkldnn_enabled(mkldnn_was)

@@ -168,7 +168,7 @@ def _sync(dev) -> None:
 def measure_nonrouted(device: str, *, ctx: int, prefill_tokens: int, quick: bool, log) -> dict:
     """Seconds per layer for decode (1 token at ``ctx``) and prefill (``prefill_tokens`` from position 0):
     attention (norm + MLA) and router + shared expert (norm + gate + MLP), bf16, full K2 shapes."""
-    from kimi_local.model import KVCache, rope_inv_freq
+    from kimi_local.model import KVCache, attention_dtype, matmul_backend_for, rope_inv_freq, rope_rotation
 
     dev = torch.device(device)
     args = k2_args()
@@ -188,27 +188,24 @@ def measure_nonrouted(device: str, *, ctx: int, prefill_tokens: int, quick: bool
             layer.gate.e_score_correction_bias.data = layer.gate.e_score_correction_bias.data.float()
     n_params = sum(p.numel() for p in layer.parameters())
     max_len = max(ctx + 1, prefill_tokens)
-    cache = KVCache(a1, max_len, 1, device=dev, dtype=torch.bfloat16)
+    cache = KVCache(a1, max_len, 1, device=dev, dtype=attention_dtype(torch.empty(0, device=dev)))
     cache.kv.normal_()
     cache.pe.normal_()
     inv, amp = rope_inv_freq(args, dev)
 
-    def cos_sin(start, S):
-        ang = torch.outer(torch.arange(start, start + S, device=dev, dtype=torch.float32), inv)
-        return ang.cos() * amp, ang.sin() * amp
-
     def step(x, start):
-        cos, sin = cos_sin(start, x.shape[1])
+        rot = rope_rotation(inv, amp, start, x.shape[1])
         _sync(dev)
-        t0 = time.perf_counter()
-        h = x + layer.self_attn(layer.input_layernorm(x), start, cos, sin, cache, "auto")
-        _sync(dev)
-        t1 = time.perf_counter()
-        hn = layer.post_attention_layernorm(h).reshape(-1, x.shape[-1])
-        idx, w = layer.gate(hn)
-        y = layer.shared_experts(hn)
-        _sync(dev)
-        t2 = time.perf_counter()
+        with matmul_backend_for(dev, x.shape[1]):   # the same matmul choice as the model's forward
+            t0 = time.perf_counter()
+            h = x + layer.self_attn(layer.input_layernorm(x), start, rot, cache, "auto")
+            _sync(dev)
+            t1 = time.perf_counter()
+            hn = layer.post_attention_layernorm(h).reshape(-1, x.shape[-1])
+            layer.gate(hn)
+            layer.shared_experts(hn)
+            _sync(dev)
+            t2 = time.perf_counter()
         return t1 - t0, t2 - t1
 
     xs = torch.randn(1, 1, K2_HIDDEN, generator=g).to(dev, torch.bfloat16)
