@@ -10,10 +10,12 @@ model is local to :func:`load_model` and is dropped with the exception.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import json
 import os
 import re
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
@@ -22,7 +24,7 @@ import torch
 
 from kimi_local.config import ModelArgs
 from kimi_local.errors import UserError
-from kimi_local.fp8 import FP8_DTYPE, FP8BlockWeight, scale_grid_shape
+from kimi_local.fp8 import FP8BlockWeight, scale_grid_shape
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -140,13 +142,15 @@ class CheckpointReader:
         else:
             raise CheckpointError(f"{model_dir}: no {INDEX_NAME} or {SINGLE_NAME} found")
         self._open: dict[str, int] = {}
+        self._lock = threading.Lock()
 
     def _fd(self, file: str) -> int:
-        fd = self._open.get(file)
-        if fd is None:
-            fd = os.open(os.path.join(self.model_dir, file), os.O_RDONLY)
-            self._open[file] = fd
-        return fd
+        with self._lock:
+            fd = self._open.get(file)
+            if fd is None:
+                fd = os.open(os.path.join(self.model_dir, file), os.O_RDONLY)
+                self._open[file] = fd
+            return fd
 
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor with pread into fresh memory: one copy, and no file mapping left behind in
@@ -164,15 +168,10 @@ class CheckpointReader:
                 got += n
         return t
 
-    def release(self, file: str) -> None:
-        """Close a shard once the file-ordered load has moved past it."""
-        fd = self._open.pop(file, None)
-        if fd is not None:
-            os.close(fd)
-
     def close(self) -> None:
-        for f in list(self._open):
-            self.release(f)
+        for fd in self._open.values():
+            os.close(fd)
+        self._open.clear()
 
     @property
     def total_bytes(self) -> int:
@@ -303,7 +302,7 @@ def make_experts(args: ModelArgs, backend):
 
 
 def load_model(model_dir: str, *, device="cpu", dtype: torch.dtype = torch.bfloat16, expert_backend="numba",
-               progress: Optional[ProgressFn] = None):
+               progress: Optional[ProgressFn] = None, load_threads: Optional[int] = None):
     """Load a Kimi-K2 / DeepSeek-V3 model directory.
 
     Non-expert FP8 weights are dequantised once into ``dtype`` on ``device``; routed experts stay FP8 and
@@ -333,31 +332,43 @@ def load_model(model_dir: str, *, device="cpu", dtype: torch.dtype = torch.bfloa
     done = 0
     block = args.weight_block_size
     t0 = time.perf_counter()
-    last_use = {}
-    for i, item in enumerate(plan):
-        for n in (item.name, item.scale):
-            if n:
-                last_use[reader.tensors[n].file] = i
-    try:
-        for i, item in enumerate(plan):
-            w = read_weight(reader, item, block)
-            if item.kind == "expert":
-                experts.add(item.layer, item.expert, item.proj, w)
+    lock = threading.Lock()
+
+    def load_item(item: PlanItem) -> None:
+        nonlocal done
+        w = read_weight(reader, item, block)
+        if item.kind == "expert":
+            experts.add(item.layer, item.expert, item.proj, w)
+        else:
+            is_fp32 = item.name.endswith("e_score_correction_bias")
+            if isinstance(w, FP8BlockWeight):
+                t = w.dequantize(dtype).to(device)
             else:
-                is_fp32 = item.name.endswith("e_score_correction_bias")
-                if isinstance(w, FP8BlockWeight):
-                    t = w.dequantize(dtype).to(device)
-                else:
-                    # copy=True: never keep a view of the shard's memory map (it would pin the whole
-                    # mapped shard in this process for the model's lifetime).
-                    t = w.to(device=device, dtype=torch.float32 if is_fp32 else dtype, copy=True)
-                _set_param(model, item.name, t)
+                # copy=True: the parameter must own its memory, never alias the read buffer.
+                t = w.to(device=device, dtype=torch.float32 if is_fp32 else dtype, copy=True)
+            _set_param(model, item.name, t)
+        with lock:
             done += reader.tensors[item.name].nbytes + (reader.tensors[item.scale].nbytes if item.scale else 0)
-            del w
-            for f in [f for f, last in last_use.items() if last == i]:
-                reader.release(f)
             if progress is not None:
                 progress(done, total)
+
+    # Reads (pread), dequantisation and expert packing release the GIL: a few threads overlap them.
+    # In-flight memory stays at one tensor per thread.
+    workers = max(1, min(load_threads or torch.get_num_threads(), 8))
+    try:
+        if workers == 1:
+            for item in plan:
+                load_item(item)
+        else:
+            with cf.ThreadPoolExecutor(workers, thread_name_prefix="kimi-load") as pool:
+                futures = [pool.submit(load_item, item) for item in plan]
+                try:
+                    for fut in cf.as_completed(futures):
+                        fut.result()          # the first failure stops the load
+                except BaseException:
+                    for f in futures:
+                        f.cancel()
+                    raise
         finalize = getattr(experts, "finalize", None)
         if finalize is not None:
             finalize()

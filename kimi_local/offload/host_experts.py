@@ -8,6 +8,7 @@ call runs :func:`~kimi_local.cpu_kernels.fp8_moe.moe_forward` on them.
 
 from __future__ import annotations
 
+import threading
 from typing import Callable, Optional
 
 import numpy as np
@@ -59,6 +60,7 @@ class NumbaRoutedExperts:
                                                          zeroed=alloc is hugepage_alloc)
                        for L in args.moe_layer_ids}
         self._pending: dict[tuple[int, int], dict[str, FP8BlockWeight]] = {}
+        self._lock = threading.Lock()
         self.compile_seconds: Optional[float] = None
 
     def add(self, layer_id: int, expert_id: int, proj: str, weight) -> None:
@@ -67,10 +69,13 @@ class NumbaRoutedExperts:
                 f"model.layers.{layer_id}.mlp.experts.{expert_id}.{proj}.weight is not FP8: the numba expert "
                 "backend runs block-FP8 experts only (use --expert-backend torch for unquantised checkpoints)")
         key = (layer_id, expert_id)
-        parts = self._pending.setdefault(key, {})
-        parts[proj] = weight
-        if len(parts) == 3:
-            del self._pending[key]
+        with self._lock:  # the loader calls from several threads
+            parts = self._pending.setdefault(key, {})
+            parts[proj] = weight
+            complete = len(parts) == 3
+            if complete:
+                del self._pending[key]
+        if complete:
             g, u, d = (fp8_numpy(parts[p]) for p in PROJS)
             try:
                 self.layers[layer_id].set_slot(expert_id, *g, *u, *d)

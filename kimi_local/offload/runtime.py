@@ -27,7 +27,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -190,6 +190,7 @@ class OffloadedExperts:
         self.disk: Optional[DiskExperts] = None
         self.gates: dict[int, object] = {}
         self._pending_add: dict[tuple[int, int], dict[str, FP8BlockWeight]] = {}
+        self._add_lock = threading.Lock()
         self._io = cf.ThreadPoolExecutor(1, thread_name_prefix="kimi-disk-prefetch")
         self._cpu = cf.ThreadPoolExecutor(1, thread_name_prefix="kimi-cpu-experts")
         self._fast_io = cf.ThreadPoolExecutor(1, thread_name_prefix="kimi-fast-load") if self.fast_slots else None
@@ -235,16 +236,20 @@ class OffloadedExperts:
         if not isinstance(weight, FP8BlockWeight):
             raise CheckpointError(f"model.layers.{layer}.mlp.experts.{expert}.{proj}.weight is not FP8: the offload "
                                   "runtime runs block-FP8 experts only")
-        parts = self._pending_add.setdefault((layer, expert), {})
-        parts[proj] = weight
-        if len(parts) == 3:
-            del self._pending_add[(layer, expert)]
+        with self._add_lock:  # the loader calls from several threads
+            parts = self._pending_add.setdefault((layer, expert), {})
+            parts[proj] = weight
+            complete = len(parts) == 3
+            if complete:
+                del self._pending_add[(layer, expert)]
+        if complete:
             arrays = []
             for p in PROJS:
                 arrays.extend(fp8_numpy(parts[p]))
             self._fill_ram(layer, expert, expert, arrays)
-            self.slot_of[layer][expert] = expert
-            self.ram_policy[layer].prefetch([expert])   # mark resident in the policy's bookkeeping
+            with self._add_lock:
+                self.slot_of[layer][expert] = expert
+                self.ram_policy[layer].prefetch([expert])   # mark resident in the policy's bookkeeping
 
     def finalize(self) -> None:
         for L in self.layers:
