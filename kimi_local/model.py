@@ -343,6 +343,14 @@ class MoE(nn.Module):
         shape = x.shape
         h = x.reshape(-1, shape[-1])                                   # [N, D]
         idx, w = self.gate(h)
+        submit = getattr(self.experts, "submit", None)
+        if submit is not None:
+            # An asynchronous expert store (the offload runtime) computes the routed experts on the CPU
+            # while the shared expert runs here (on the GPU when there is one).
+            finish = submit(self.layer_id, h, idx, w)
+            shared = self.shared_experts(h) if self.shared_experts is not None else None
+            y = finish()
+            return (y if shared is None else y + shared).view(shape)
         y = self.experts(self.layer_id, h, idx, w)
         if self.shared_experts is not None:
             y = y + self.shared_experts(h)

@@ -425,6 +425,16 @@ class OffloadedExperts:
         return out
 
     def __call__(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self.submit(layer, x, idx, weights)()
+
+    def submit(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor):
+        """Start the layer's routed experts; returns a function that finishes them and gives the output.
+
+        The CPU kernels start at once in a worker thread (Numba releases the GIL); the caller computes
+        the shared expert meanwhile (:class:`~kimi_local.model.MoE` does), then calls the result
+        function, which computes the fast tier's experts, joins the CPU part, sums, and prefetches for
+        the next layer.
+        """
         st = self.stats_by_layer[layer]
         self._wait_ram_prefetch(layer)
         idx_c = idx.to("cpu")
@@ -456,18 +466,23 @@ class OffloadedExperts:
 
         w_np = weights.detach().to("cpu", torch.float32).numpy()
         x_np = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        cpu_idx = idx_np
         if fast_experts:
-            cpu_idx = np.where(np.isin(idx_np, fast_experts), -1, idx_np)
-            st.fast_uses += int(np.isin(idx_np, fast_experts).sum())
-            fut = self._cpu.submit(self._cpu_part, layer, x_np, cpu_idx, w_np, st)
-            y_fast = self._fast_part(layer, x, idx_c, weights, fast_experts, st)
-            y = torch.from_numpy(fut.result()).to(y_fast.device) + y_fast
-        else:
-            y = torch.from_numpy(self._cpu_part(layer, x_np, idx_np, w_np, st))
+            on_fast = np.isin(idx_np, fast_experts)
+            cpu_idx = np.where(on_fast, -1, idx_np)
+            st.fast_uses += int(on_fast.sum())
+        fut = self._cpu.submit(self._cpu_part, layer, x_np, cpu_idx, w_np, st)
 
-        if self.opts.prefetch:
-            self._predict_and_prefetch(layer, x)
-        return y.to(device=x.device, dtype=x.dtype)
+        def finish() -> torch.Tensor:
+            y_fast = self._fast_part(layer, x, idx_c, weights, fast_experts, st) if fast_experts else None
+            y = torch.from_numpy(fut.result())            # the CPU part ran alongside the work above
+            if y_fast is not None:
+                y = y.to(y_fast.device) + y_fast
+            if self.opts.prefetch:
+                self._predict_and_prefetch(layer, x)
+            return y.to(device=x.device, dtype=x.dtype)
+        return finish
+
 
     def _next_layer(self, layer: int) -> Optional[int]:
         i = self.layers.index(layer)
