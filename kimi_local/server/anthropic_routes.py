@@ -213,7 +213,6 @@ async def _message_stream(state: ServerState, gen: Generation, prepared: Prepare
     tool_blocks: dict[int, int] = {}  # parser tool index -> content block index
     args_buf: dict[int, str] = {}     # parser tool index -> argument text so far
     current_tool = -1                 # parser index of the open tool_use block
-    final = parsed = None
 
     def flush_args(tool_index: int) -> list[str]:
         """The call's arguments as one input_json_delta holding a JSON object (``{}`` if the model's text
@@ -230,12 +229,7 @@ async def _message_stream(state: ServerState, gen: Generation, prepared: Prepare
         return [event("content_block_stop", {"index": index})]
 
     async for ch in gen:
-        events = reader.feed(ch.text) if ch.text else []
-        if ch.finish_reason is not None:
-            final = ch
-            more, parsed = reader.finish()
-            events += more
-        for ev in events:
+        for ev in reader.chunk_events(ch):
             out: list[str] = []
             if isinstance(ev, cf.ContentDelta):
                 if not ev.text:
@@ -265,6 +259,7 @@ async def _message_stream(state: ServerState, gen: Generation, prepared: Prepare
                     out += close()
             for piece in out:
                 yield piece
+    final, parsed = reader.final, reader.parsed
     if final is None or final.finish_reason == "cancelled":
         return
     tail = flush_args(current_tool) if open_kind == "tool_use" else []  # defensive: the parser closes calls

@@ -233,17 +233,12 @@ async def _chat_stream(state: ServerState, gen: Generation, prepared: PreparedPr
 
     reader = OutputReader(prepared)
     yield chunk({"role": "assistant", "content": ""})
-    final = None
     async for ch in gen:
-        events = reader.feed(ch.text) if ch.text else []
-        if ch.finish_reason is not None:
-            final = ch
-            more, parsed = reader.finish()
-            events += more
-        for ev in events:
+        for ev in reader.chunk_events(ch):
             d = delta(ev)
             if d is not None:
                 yield chunk(d)
+    final, parsed = reader.final, reader.parsed
     if final is None or final.finish_reason == "cancelled":
         return
     t = final.timings

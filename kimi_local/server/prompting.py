@@ -139,6 +139,8 @@ class OutputReader:
         self._pending = prepared.forced
         self.tools_enabled = prepared.tools_enabled
         self.text = ""
+        self.final = None    # the engine's last chunk, once seen
+        self.parsed = None   # the whole output parsed, once the last chunk is seen
 
     def _keep(self, events: list) -> list:
         if self.tools_enabled:
@@ -149,6 +151,16 @@ class OutputReader:
         self.text += text
         text, self._pending = self._pending + text, ""
         return self._keep(self.parser.feed(text)) if text else []
+
+    def chunk_events(self, ch) -> list:
+        """Events of one engine chunk; the last chunk (with ``finish_reason``) also closes the parse and
+        sets ``final`` and ``parsed``."""
+        events = self.feed(ch.text) if ch.text else []
+        if ch.finish_reason is not None:
+            self.final = ch
+            more, self.parsed = self.finish()
+            events += more
+        return events
 
     def finish(self) -> tuple[list, Any]:
         events = self.feed("") if self._pending else []
