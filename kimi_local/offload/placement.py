@@ -413,6 +413,8 @@ def resolve_settings(model: ModelArgs, profile: Optional[dict[str, Any]] = None,
             values["gpu_name"] = "GPU"
     if values["ctx"] < 1:
         raise PlanError("ctx: must be at least 1")
+    if sources["ctx"] == "default" and values["ctx"] > model.max_position_embeddings:
+        values["ctx"] = model.max_position_embeddings   # a small model: plan for its whole context
     if values["ctx"] > model.max_position_embeddings:
         raise PlanError(f"ctx: {values['ctx']} exceeds the model's max_position_embeddings "
                         f"({model.max_position_embeddings})")
