@@ -17,7 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("kimi_local.commands", "plain text continuation of a prompt"),
     "perplexity": ("kimi_local.commands", "perplexity of a text file"),
     "make-tiny": ("kimi_local.commands", "write a tiny random model in the exact Kimi-K2 on-disk format"),
-    "bench": ("kimi_local.bench", "benchmarks (end-to-end, kernels, k2-layer), JSON output"),
+    "bench": ("kimi_local.bench", "benchmarks (end-to-end, kernels, k2-layer, load, offload), JSON output"),
     "plan": ("kimi_local.offload.plan_cli", "GPU/RAM/disk placement plan for a model (config.json is enough)"),
     "doctor": ("kimi_local.offload.doctor", "check this machine for running Kimi-K2 and say what will hurt"),
     "cachesim": ("kimi_local.offload.cachesim", "replay a routing trace through expert-cache policies"),
