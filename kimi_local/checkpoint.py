@@ -342,6 +342,9 @@ def load_model(model_dir: str, *, device="cpu", dtype: torch.dtype = torch.bfloa
         else:
             is_fp32 = item.name.endswith("e_score_correction_bias")
             if isinstance(w, FP8BlockWeight):
+                if w.nan_codes():
+                    raise CheckpointError(f"tensor '{item.name}' in {reader.tensors[item.name].file} holds "
+                                          f"{w.nan_codes()} e4m3 NaN codes")
                 t = w.dequantize(dtype).to(device)
             else:
                 # copy=True: the parameter must own its memory, never alias the read buffer.

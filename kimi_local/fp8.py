@@ -42,6 +42,10 @@ class FP8BlockWeight:
                 f"scale_inv shape {tuple(self.scale_inv.shape)} does not match weight shape "
                 f"{tuple(self.q.shape)} with {self.block[0]}x{self.block[1]} blocks (expected {want})")
 
+    def nan_codes(self) -> int:
+        """Number of e4m3 NaN codes (0x7F / 0xFF) in the weight: a valid checkpoint has none."""
+        return int(((self.q.view(torch.uint8) & 0x7F) == 0x7F).sum())
+
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.q.shape)

@@ -271,6 +271,10 @@ class TorchRoutedExperts:
         self.layers: dict[int, dict[int, dict[str, object]]] = {}
 
     def add(self, layer_id: int, expert_id: int, proj: str, weight) -> None:
+        if isinstance(weight, FP8BlockWeight) and weight.nan_codes():
+            from kimi_local.checkpoint import CheckpointError   # the loader's error type (no import cycle at load)
+            raise CheckpointError(f"model.layers.{layer_id}.mlp.experts.{expert_id}.{proj}.weight holds "
+                                  f"{weight.nan_codes()} e4m3 NaN codes")
         self.layers.setdefault(layer_id, {}).setdefault(expert_id, {})[proj] = weight
 
     def expert_ids(self, layer_id: int) -> list[int]:

@@ -3,6 +3,7 @@ fails up front with a clear error naming the tensor and the file."""
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -159,6 +160,21 @@ def test_nan_or_inf_scale(bad, value):
     _edit_shard_of(bad, name, poison)
     with pytest.raises(CheckpointError, match=f"'{name}' in .* NaN or inf"):
         _load(bad)
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+@pytest.mark.parametrize("name", ["model.layers.2.mlp.experts.3.down_proj.weight",
+                                  "model.layers.1.self_attn.o_proj.weight"])
+def test_fp8_nan_codes_rejected_at_load(bad, name, backend):
+    def poison(t):
+        q = t[name].view(torch.uint8).clone()
+        q[1, 2] = 0x7F
+        t[name] = q.view(torch.float8_e4m3fn)
+    _edit_shard_of(bad, name, poison)
+    expert = ".experts." in name
+    where = name.rsplit(".weight", 1)[0].rsplit(".", 1)[0] if expert and backend == "numba" else name
+    with pytest.raises(CheckpointError, match=re.escape(where) + ".*NaN code"):
+        load_model(bad, dtype=torch.float32, expert_backend=backend)
 
 
 def test_truncated_shard(bad):
