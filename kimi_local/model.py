@@ -222,28 +222,29 @@ class MLA(nn.Module):
         wkv_b = self._kv_b_weight(cd)                                   # [H, Dn + Dv, C]
         if mode == "auto":
             mode = "absorbed" if 4 * S <= T else "naive"
+        # The softmax scale is folded into the queries (S x H x D values, not S x H x T scores), and the
+        # rope part's scores use the single shared k_pe directly: q.k = q_nope.k_nope + q_pe.k_pe.
+        q_nope, q_pe = q_nope * self.softmax_scale, q_pe * self.softmax_scale
         if mode == "naive":
             kvb = torch.einsum("btc,hdc->bthd", c_all, wkv_b)             # kv_b_proj, per head
             k_nope, v = kvb.split([self.nope, self.v_dim], dim=-1)
-            k = torch.cat([k_nope, pe_all[:, :, None, :].expand(B, T, H, self.rope)], dim=-1)
-            qf = torch.cat([q_nope, q_pe], dim=-1)
-            scores = torch.einsum("bshd,bthd->bsht", qf, k).float() * self.softmax_scale
-            if mask is not None:
-                scores = scores + mask[None, :, None, :]
-            p = scores.softmax(dim=-1).to(cd)
-            o = torch.einsum("bsht,bthd->bshd", p, v)
+            scores = torch.einsum("bshd,bthd->bhst", q_nope, k_nope).float()
+            scores += torch.einsum("bshr,btr->bhst", q_pe, pe_all).float()
         elif mode == "absorbed":
             # Fold kv_b_proj into the query and the output: attention runs in the C-dim latent space.
             q_lat = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, : self.nope])
-            scores = (torch.einsum("bshc,btc->bsht", q_lat, c_all).float()
-                      + torch.einsum("bshr,btr->bsht", q_pe, pe_all).float()) * self.softmax_scale
-            if mask is not None:
-                scores = scores + mask[None, :, None, :]
-            p = scores.softmax(dim=-1).to(cd)
-            o_lat = torch.einsum("bsht,btc->bshc", p, c_all)
-            o = torch.einsum("bshc,hdc->bshd", o_lat, wkv_b[:, self.nope:])
+            scores = torch.einsum("bshc,btc->bhst", q_lat, c_all).float()
+            scores += torch.einsum("bshr,btr->bhst", q_pe, pe_all).float()
         else:
             raise ValueError(f"unknown attention mode {mode!r}")
+        if mask is not None:
+            scores += mask                                                 # [S, T] broadcast over (b, h)
+        p = scores.softmax(dim=-1).to(cd)
+        if mode == "naive":
+            o = torch.einsum("bhst,bthd->bshd", p, v)
+        else:
+            o_lat = torch.einsum("bhst,btc->bshc", p, c_all)
+            o = torch.einsum("bshc,hdc->bshd", o_lat, wkv_b[:, self.nope:])
         o = o.to(x.dtype)
         return self.o_proj(o.reshape(B, S, H * self.v_dim))
 
