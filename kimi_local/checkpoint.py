@@ -107,10 +107,18 @@ def read_safetensors_header(path: str) -> dict[str, TensorInfo]:
 
 
 class CheckpointReader:
-    """Resolves tensor names to shards via the index and reads tensors lazily (mmap, one at a time)."""
+    """Resolves tensor names to shards via the index and reads tensors lazily (pread, one at a time).
 
-    def __init__(self, model_dir: str):
+    ``tensors`` (from an earlier reader) skips parsing the index and headers again.
+    """
+
+    def __init__(self, model_dir: str, tensors: Optional[dict[str, TensorInfo]] = None):
         self.model_dir = model_dir
+        self._open: dict[str, int] = {}
+        self._lock = threading.Lock()
+        if tensors is not None:
+            self.tensors = tensors
+            return
         index_path = os.path.join(model_dir, INDEX_NAME)
         single_path = os.path.join(model_dir, SINGLE_NAME)
         self.tensors: dict[str, TensorInfo] = {}
@@ -141,8 +149,6 @@ class CheckpointReader:
             self.tensors = read_safetensors_header(single_path)
         else:
             raise CheckpointError(f"{model_dir}: no {INDEX_NAME} or {SINGLE_NAME} found")
-        self._open: dict[str, int] = {}
-        self._lock = threading.Lock()
 
     def _fd(self, file: str) -> int:
         with self._lock:
@@ -152,26 +158,33 @@ class CheckpointReader:
                 self._open[file] = fd
             return fd
 
+    def read_into(self, name: str, view: memoryview, drop_cache: bool = False) -> None:
+        """pread tensor ``name``'s bytes into ``view`` (exactly its size); ``drop_cache`` then evicts them
+        from the page cache (the disk tier's RAM budget must be real, not hidden there)."""
+        info = self.tensors[name]
+        fd, got = self._fd(info.file), 0
+        while got < info.nbytes:
+            n = os.preadv(fd, [view[got:]], info.offset + got)
+            if n <= 0:
+                raise CheckpointError(f"tensor '{name}' in {info.file}: short read (file changed or truncated)")
+            got += n
+        if drop_cache and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, info.offset, info.nbytes, os.POSIX_FADV_DONTNEED)
+
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor with pread into fresh memory: one copy, and no file mapping left behind in
         this process (mmap'd shards would count the whole checkpoint in its RSS)."""
         info = self.tensors[name]
-        dtype = _ST_DTYPES[info.dtype][0]
-        t = torch.empty(info.shape, dtype=dtype)
+        t = torch.empty(info.shape, dtype=_ST_DTYPES[info.dtype][0])
         if info.nbytes:
-            view = memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
-            fd, got = self._fd(info.file), 0
-            while got < info.nbytes:
-                n = os.preadv(fd, [view[got:]], info.offset + got)
-                if n <= 0:
-                    raise CheckpointError(f"tensor '{name}' in {info.file}: short read (file changed or truncated)")
-                got += n
+            self.read_into(name, memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B"))
         return t
 
     def close(self) -> None:
-        for fd in self._open.values():
-            os.close(fd)
-        self._open.clear()
+        with self._lock:
+            for fd in self._open.values():
+                os.close(fd)
+            self._open.clear()
 
     @property
     def total_bytes(self) -> int:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from kimi_local.checkpoint import CheckpointError, TensorInfo
+from kimi_local.checkpoint import CheckpointError, CheckpointReader, TensorInfo
 from kimi_local.config import ModelArgs
 from kimi_local.errors import UserError
 from kimi_local.fp8 import FP8BlockWeight
@@ -77,37 +76,18 @@ class DiskExperts:
     long-term memory: each read is followed by ``POSIX_FADV_DONTNEED`` on the range."""
 
     def __init__(self, model_dir: str, tensors: dict[str, TensorInfo], args: ModelArgs):
-        self.model_dir = model_dir
-        self.tensors = tensors
+        self.reader = CheckpointReader(model_dir, tensors)
         self.args = args
-        self._fds: dict[str, int] = {}
-        self._lock = threading.Lock()
         self.bytes_read = 0
 
-    def _fd(self, file: str) -> int:
-        with self._lock:
-            fd = self._fds.get(file)
-            if fd is None:
-                fd = os.open(os.path.join(self.model_dir, file), os.O_RDONLY)
-                self._fds[file] = fd
-            return fd
-
     def _read(self, name: str, dtype) -> np.ndarray:
-        info = self.tensors.get(name)
+        info = self.reader.tensors.get(name)
         if info is None:
             raise CheckpointError(f"missing tensor '{name}' needed by the disk tier")
-        fd = self._fd(info.file)
-        buf = bytearray(info.nbytes)
-        view, got = memoryview(buf), 0
-        while got < info.nbytes:
-            n = os.preadv(fd, [view[got:]], info.offset + got)
-            if n <= 0:
-                raise CheckpointError(f"tensor '{name}' in {info.file}: short read (file truncated?)")
-            got += n
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, info.offset, info.nbytes, os.POSIX_FADV_DONTNEED)
+        out = np.empty(info.shape, dtype=dtype)
+        self.reader.read_into(name, memoryview(out.reshape(-1).view(np.uint8)).cast("B"), drop_cache=True)
         self.bytes_read += info.nbytes
-        return np.frombuffer(buf, dtype=dtype).reshape(info.shape)
+        return out
 
     def read(self, layer: int, expert: int) -> tuple:
         """(gate_q, gate_s, up_q, up_s, down_q, down_s): uint8 e4m3 bytes and float32 scale grids."""
@@ -119,10 +99,7 @@ class DiskExperts:
         return tuple(out)
 
     def close(self) -> None:
-        with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+        self.reader.close()
 
 
 @dataclass
