@@ -278,9 +278,6 @@ class TorchRoutedExperts:
                                   f"{weight.nan_codes()} e4m3 NaN codes")
         self.layers.setdefault(layer_id, {}).setdefault(expert_id, {})[proj] = weight
 
-    def expert_ids(self, layer_id: int) -> list[int]:
-        return sorted(self.layers.get(layer_id, {}))
-
     @staticmethod
     def _dense(w) -> torch.Tensor:
         return w.dequantize(torch.float32) if isinstance(w, FP8BlockWeight) else w.float()
