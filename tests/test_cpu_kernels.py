@@ -19,11 +19,10 @@ if FAST:
 def backend(request, monkeypatch):
     kind, prec, tol = request.param
     monkeypatch.setenv("KIMI_CPU_KERNELS_PORTABLE", "1" if kind == "portable" else "0")
-    saved = m.get_precision()
     if prec:
         m.set_precision(prec)
     yield tol
-    m.set_precision(saved)
+    m.set_precision(None)
 
 
 def _rand_q(rng, shape):
@@ -279,3 +278,87 @@ def test_warmup_and_quick_bench():
         assert key in r
     assert r["decode"]["weight_bytes_per_s"] > 0 and r["prefill"]["tokens_per_s"] > 0
     assert r["torch_reference"]["speedup_numba_over_torch"] > 0
+
+
+def test_precision_follows_activation_dtype():
+    """bf16 models run one bf16 activation per product, float32/float16 models the hi+lo split; a forced
+    set_precision wins over the per-call choice until reset."""
+    assert m.precision_for(torch.bfloat16) == "bf16"
+    assert m.precision_for(torch.float32) == "bf16x2" and m.precision_for(torch.float16) == "bf16x2"
+    assert m.get_precision() == "bf16x2" and m.get_precision("bf16") == "bf16"
+    m.set_precision("bf16x2")
+    try:
+        assert m.get_precision("bf16") == "bf16x2"
+    finally:
+        m.set_precision("auto")
+    assert m.get_precision("bf16") == "bf16"
+    with pytest.raises(ValueError):
+        m.set_precision("fp8")
+
+
+@pytest.mark.skipif(not FAST, reason="the bf16 / bf16x2 precisions exist on the AVX-512 BF16 path only")
+def test_precision_argument_is_honoured():
+    rng = np.random.default_rng(21)
+    D, I, n, T, k = 256, 192, 4, 12, 3
+    p = _make(rng, n, D, I)
+    x = rng.standard_normal((T, D)).astype(np.float32)
+    slots = np.stack([rng.permutation(n)[:k] for _ in range(T)]).astype(np.int32)
+    w = rng.random((T, k)).astype(np.float32)
+    ref = m.moe_forward_ref(p, x, slots, w)
+    scale = float(np.abs(ref).max())
+    hi = m.moe_forward(p, x, slots, w, precision="bf16x2")
+    lo = m.moe_forward(p, x, slots, w, precision="bf16")
+    err_hi = float(np.abs(hi - ref).max()) / scale
+    err_lo = float(np.abs(lo - ref).max()) / scale
+    assert err_hi <= 2e-5 and err_lo <= 1.5e-2
+    assert err_lo > 10 * err_hi            # the single-bf16 rounding is really applied
+    m.set_precision("bf16")
+    try:
+        np.testing.assert_array_equal(m.moe_forward(p, x, slots, w, precision="bf16x2"), lo)
+    finally:
+        m.set_precision(None)
+
+
+def test_expert_backend_picks_precision_from_dtype(tiny_dir, monkeypatch):
+    """The model's routed experts call the kernels in the precision of the model's dtype."""
+    from kimi_local.checkpoint import load_model
+    seen = []
+    real = m.moe_forward
+
+    def spy(*a, precision=None, **kw):
+        seen.append(precision)
+        return real(*a, precision=precision, **kw)
+
+    monkeypatch.setattr(m, "moe_forward", spy)
+    for dtype, want in ((torch.bfloat16, "bf16"), (torch.float32, "bf16x2")):
+        model = load_model(tiny_dir, dtype=dtype, expert_backend="numba")
+        seen.clear()                       # (the load's warm-up compiles both precisions)
+        model(torch.tensor([[5, 6, 7]]))
+        assert seen and set(seen) == {want}, (dtype, seen)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_numba_and_torch_backends_generate_the_same_tokens(tiny_dir, dtype):
+    """Greedy generation on the tiny model: the numba kernels and the torch twin give the same tokens, and
+    logits agree within the dtype's tolerance (float32: ~1e-5 of the logit scale)."""
+    from kimi_local.checkpoint import load_model
+
+    def greedy(model, ids, n=16):
+        cache = model.new_cache(128)
+        logits = model(torch.tensor([ids]), 0, cache)
+        out, rows, pos = [], [logits[0, -1].float()], len(ids)
+        for _ in range(n):
+            t = int(logits[0, -1].argmax())
+            out.append(t)
+            logits = model(torch.tensor([[t]]), pos, cache)
+            rows.append(logits[0, -1].float())
+            pos += 1
+        return out, torch.stack(rows)
+
+    a_model = load_model(tiny_dir, dtype=dtype, expert_backend="numba")
+    b_model = load_model(tiny_dir, dtype=dtype, expert_backend="torch")
+    for ids in (list(range(5, 40)), [7] * 20):
+        (ta, la), (tb, lb) = greedy(a_model, ids), greedy(b_model, ids)
+        assert ta == tb
+        tol = 1e-4 if dtype == torch.float32 else 0.1
+        assert float((la - lb).abs().max()) <= tol * float(lb.abs().max())

@@ -53,7 +53,12 @@ def summary(doc: dict) -> str:
                      f"{k['decode']['gbps']:.1f} GB/s = {k['decode_bw_fraction']:.2f} of {k['mem_read_gbps']:.1f} GB/s"
                      f"  [goal 0.65]")
         lines.append(f"  prefill       {k['prefill']['tokens']} tok: {k['prefill']['tokens_per_s']:.0f} tok/s, "
-                     f"effective {k['prefill']['effective_gbps']:.1f} GB/s ({_f(k.get('prefill_over_decode'))}x decode)")
+                     f"effective {k['prefill']['effective_gbps']:.1f} GB/s ({_f(k.get('prefill_over_decode'))}x decode)"
+                     f"  [goal 3x; {k['decode'].get('precision', '?')} activations]")
+        po = k.get("prefill_other_precision")
+        if po:
+            lines.append(f"  prefill       in {po['precision']} activations (float32 models): effective "
+                         f"{po['effective_gbps']:.1f} GB/s ({_f(po.get('over_decode'))}x decode)")
         lines.append(f"  torch ref     x{k['torch_reference']['speedup_numba_over_torch']:.1f} slower; compile "
                      f"{k['compile_seconds']:.2f} s")
     kl = doc.get("k2_layer")

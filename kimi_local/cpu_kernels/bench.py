@@ -11,6 +11,10 @@ Figures (one run, same thread count throughout):
   decode_bw_fraction = decode bytes/s / mem_read_gbps
   prefill           one MoE layer, 8 experts per token, ~11 tokens per expert (512 * n_experts / 384 tokens):
                     tokens/s and effective weight bytes/s = tokens * 8 * bytes per expert / time
+
+Decode and prefill run in the activation precision of a default (bf16) model, ``"bf16"`` (see
+``fp8_moe.precision_for``; ``--precision`` / ``set_precision`` force another); the prefill is also timed in the
+other precision (``prefill_other_precision``: float32 models use ``"bf16x2"``, two dot products per weight).
   torch_reference   the same decode work through moe_forward_ref (dequantise + matmul), and the speed ratio
   compile_seconds   first-use compile (or cache load) time of every kernel (warmup())
 """
@@ -61,6 +65,8 @@ def bench_kernels(threads: int | None = None, quick: bool = False, n_experts: in
     prefill, torch_reference, compile_seconds, plus extras)."""
     import torch
 
+    prec = fp8_moe.get_precision(fp8_moe.precision_for(torch.bfloat16))
+    other = "bf16x2" if prec == "bf16" else "bf16"
     fp8_moe.set_num_threads(threads)
     nthreads = fp8_moe.get_num_threads()
     if quick:
@@ -89,13 +95,13 @@ def bench_kernels(threads: int | None = None, quick: bool = False, n_experts: in
     calls = _decode_calls(n_experts, max(n_experts // TOPK, 1) * 8)
     out = np.empty((1, hidden), np.float32)
     for sl in calls[: max(n_experts // TOPK, 1)]:   # one pass over all experts (page-in, steady state)
-        fp8_moe.moe_forward(p, x1, sl, w1, out)
+        fp8_moe.moe_forward(p, x1, sl, w1, out, precision=prec)
     times = []
     t_end = time.perf_counter() + dec_secs
     i = 0
     while time.perf_counter() < t_end or len(times) < 8:
         t0 = time.perf_counter()
-        fp8_moe.moe_forward(p, x1, calls[i % len(calls)], w1, out)
+        fp8_moe.moe_forward(p, x1, calls[i % len(calls)], w1, out, precision=prec)
         times.append(time.perf_counter() - t0)
         i += 1
     times = np.array(times)
@@ -109,7 +115,7 @@ def bench_kernels(threads: int | None = None, quick: bool = False, n_experts: in
         "gbps": dec_bytes / t_layer / 1e9,
         "gbps_best": dec_bytes / float(times.min()) / 1e9,
         "calls": int(len(times)),
-        "precision": fp8_moe.get_precision(),
+        "precision": prec,
     }
 
     # ------------------------------------------------------------------ read ceiling (same thread count)
@@ -123,21 +129,27 @@ def bench_kernels(threads: int | None = None, quick: bool = False, n_experts: in
     slots = np.stack([rng.permutation(n_experts)[:TOPK] for _ in range(n_tok)]).astype(np.int32)
     ws = rng.random((n_tok, TOPK)).astype(np.float32)
     outp = np.empty((n_tok, hidden), np.float32)
-    fp8_moe.moe_forward(p, xs, slots, ws, outp)
-    pt = []
-    for _ in range(3 if not quick else 2):
-        t0 = time.perf_counter()
-        fp8_moe.moe_forward(p, xs, slots, ws, outp)
-        pt.append(time.perf_counter() - t0)
-    tp = float(min(pt))
-    prefill = {
-        "tokens": n_tok,
-        "tokens_per_expert": n_tok * TOPK / n_experts,
-        "seconds": tp,
-        "tokens_per_s": n_tok / tp,
-        "effective_weight_bytes_per_s": n_tok * TOPK * bpe / tp,
-        "effective_gbps": n_tok * TOPK * bpe / tp / 1e9,
-    }
+
+    def time_prefill(precision: str) -> dict:
+        fp8_moe.moe_forward(p, xs, slots, ws, outp, precision=precision)
+        pt = []
+        for _ in range(3 if not quick else 2):
+            t0 = time.perf_counter()
+            fp8_moe.moe_forward(p, xs, slots, ws, outp, precision=precision)
+            pt.append(time.perf_counter() - t0)
+        tp = float(min(pt))
+        return {
+            "tokens": n_tok,
+            "tokens_per_expert": n_tok * TOPK / n_experts,
+            "seconds": tp,
+            "tokens_per_s": n_tok / tp,
+            "effective_weight_bytes_per_s": n_tok * TOPK * bpe / tp,
+            "effective_gbps": n_tok * TOPK * bpe / tp / 1e9,
+            "precision": precision,
+        }
+
+    prefill = time_prefill(prec)
+    prefill_other = time_prefill(other)
 
     # ------------------------------------------------------------------ torch reference (same decode work)
     tprev = torch.get_num_threads()
@@ -164,6 +176,8 @@ def bench_kernels(threads: int | None = None, quick: bool = False, n_experts: in
         "decode_bw_fraction": decode["gbps"] / mem,
         "prefill": prefill,
         "prefill_over_decode": prefill["effective_gbps"] / decode["gbps"],
+        "prefill_other_precision": dict(prefill_other,
+                                        over_decode=prefill_other["effective_gbps"] / decode["gbps"]),
         "torch_reference": torch_reference,
         "compile_seconds": compile_s,
         "mem_read_gbps_samples": [mem_before, mem_after],
@@ -186,12 +200,13 @@ def _threading_layer() -> str:
         return "not initialised"
 
 
-if __name__ == "__main__":  # python -m kimi_local.cpu_kernels.bench [threads ...] [--quick] [--bf16]
+if __name__ == "__main__":  # python -m kimi_local.cpu_kernels.bench [threads ...] [--quick] [--bf16|--bf16x2]
     import sys
     args = sys.argv[1:]
     quick = "--quick" in args
-    if "--bf16" in args:
-        fp8_moe.set_precision("bf16")
+    for a in args:
+        if a in ("--bf16", "--bf16x2"):
+            fp8_moe.set_precision(a[2:])
     ths = [int(a) for a in args if a.isdigit()] or [None]
     for th in ths:
         print(json.dumps(bench_kernels(th, quick=quick), indent=1))

@@ -22,9 +22,11 @@ Design (issue 4, "CPU expert kernels"):
   them).  Two ``vpermi2b`` 128-entry byte tables give the bf16 high and low bytes of 64 weights at once, the
   sign bit is OR-ed in, ``vpunpck[lh]bw`` interleaves them into 2x32 bf16 words and ``vdpbf16ps`` multiplies
   them with the activation chunk (whose order is permuted once per call to match the unpack order).
-  Activations are split as ``xs = hi + lo`` (two bf16) in ``"bf16x2"`` precision (about 16 significant bits, the
-  default), or rounded to one bf16 in ``"bf16"`` precision (faster, GPU-like).  Products are exact and
-  accumulate in float32.
+  Activations are split as ``xs = hi + lo`` (two bf16) in ``"bf16x2"`` precision (about 16 significant bits,
+  float32-like), or rounded to one bf16 in ``"bf16"`` precision (half the dot products; the rounding a bf16
+  model applies to its activations anyway).  Products are exact and accumulate in float32.  The expert
+  backends pick the precision from the model's activation dtype (:func:`precision_for`): bf16 models (the
+  default) run ``"bf16"``, float32 models ``"bf16x2"``; :func:`set_precision` overrides both.
 * **Portable path** (any x86-64 / other CPU): bit-shift decode to float32 -- magnitude << 20 with the
   e4m3->fp32 exponent bias (120) *added* so that normal codes come out exact and subnormal codes are produced
   with the classic "+1 exponent, subtract 2^-6" fix-up; no float32 denormal is ever formed (FTZ/DAZ-safe).
@@ -62,7 +64,7 @@ from .simd import (bitcast_u32_f32, add_f32x16, and_u8x64, bf16_to_f32, cvt_f32_
                    store_u16x16, sub_f32x16, prefetch_l2, unpackhi_u8_to_u16, unpacklo_u8_to_u16, zero_f32x16)
 
 __all__ = ["PackedExperts", "moe_forward", "moe_forward_ref", "set_num_threads", "get_num_threads", "warmup",
-           "set_precision", "get_precision", "fast_path_available", "e4m3_decode_table",
+           "set_precision", "get_precision", "precision_for", "fast_path_available", "e4m3_decode_table",
            "RG", "CHUNK"]
 
 RG = 4          # rows per group in the packed layout (= rows per GEMV / GEMM register block)
@@ -116,7 +118,7 @@ _POS = _chunk_perm().astype(np.int64)
 # ============================================================================================ threads / precision
 _lock = threading.Lock()
 _threads: int | None = None
-_precision = "bf16x2"
+_precision: str | None = None   # forced precision (set_precision); None: per call
 
 
 @functools.lru_cache(maxsize=1)
@@ -167,17 +169,34 @@ def get_num_threads() -> int:
     return _threads if _threads is not None else physical_cores()
 
 
-def set_precision(mode: str) -> None:
-    """'bf16x2' (default; activations split hi+lo, ~16 significant bits, float32-like results) or 'bf16'
-    (activations rounded to bf16 like a GPU bf16 matmul; fewer dot products, faster)."""
+PRECISIONS = ("bf16x2", "bf16")
+
+
+def set_precision(mode: str | None) -> None:
+    """Force one activation precision for every call: 'bf16x2' (activations split hi+lo, ~16 significant bits,
+    float32-like results) or 'bf16' (activations rounded to bf16 like a bf16 matmul; half the dot products).
+    ``None`` or 'auto' restores the default: callers' ``precision`` argument, 'bf16x2' when they give none."""
     global _precision
-    if mode not in ("bf16x2", "bf16"):
-        raise ValueError(f"precision must be 'bf16x2' or 'bf16', got {mode!r}")
+    if mode in (None, "auto"):
+        _precision = None
+        return
+    if mode not in PRECISIONS:
+        raise ValueError(f"precision must be 'auto', 'bf16x2' or 'bf16', got {mode!r}")
     _precision = mode
 
 
-def get_precision() -> str:
-    return _precision
+def get_precision(requested: str | None = None) -> str:
+    """The precision a call with ``precision=requested`` runs in (a forced :func:`set_precision` wins)."""
+    if _precision is not None:
+        return _precision
+    return requested if requested in PRECISIONS else "bf16x2"
+
+
+def precision_for(dtype) -> str:
+    """Kernel precision matching a model's activation dtype: activations of a bf16 model are bf16 numbers
+    already, and its torch path rounds dequantised weights and products to bf16 too, so one bf16 activation
+    ('bf16') loses nothing it keeps; anything wider (float32, float16) gets 'bf16x2'."""
+    return "bf16" if str(dtype).endswith("bfloat16") else "bf16x2"
 
 
 def fast_path_available() -> bool:
@@ -851,8 +870,9 @@ def _prepare_call(p: PackedExperts, x, slots, weights, out):
 
 
 def moe_forward(p: PackedExperts, x: np.ndarray, slots: np.ndarray, weights: np.ndarray,
-                out: np.ndarray | None = None) -> np.ndarray:
-    """out[t] = sum_k weights[t,k] * down(silu(gate x_t) * (up x_t)) over expert slots[t,k] (-1 skips)."""
+                out: np.ndarray | None = None, precision: str | None = None) -> np.ndarray:
+    """out[t] = sum_k weights[t,k] * down(silu(gate x_t) * (up x_t)) over expert slots[t,k] (-1 skips).
+    ``precision``: 'bf16x2' (default) or 'bf16' activations on the AVX-512 path (see :func:`precision_for`)."""
     x, slots, weights, out = _prepare_call(p, x, slots, weights, out)
     T = x.shape[0]
     if T == 0:
@@ -868,7 +888,7 @@ def moe_forward(p: PackedExperts, x: np.ndarray, slots: np.ndarray, weights: np.
         try:
             if fast_path_available() and p.block == (128, 128):
                 _moe_fast(p.w1, p.w3, p.w2, p.s1, p.s3, p.s2, p.hidden, p.inter, x, uniq, start, ptok, pw,
-                          2 if _precision == "bf16x2" else 1, _TBL, _POS, out)
+                          2 if get_precision(precision) == "bf16x2" else 1, _TBL, _POS, out)
             else:
                 _moe_portable_dispatch(p, x, uniq, start, ptok, pw, out)
         finally:
@@ -926,12 +946,9 @@ def warmup() -> float:
         slots[0, 1] = -1
         w = np.full((5, 2), 0.5, np.float32)
         if fast_path_available():
-            saved = _precision
-            for prec in ("bf16x2", "bf16"):
-                set_precision(prec)
-                moe_forward(p, x, slots, w)        # GEMM path (5 tokens per expert)
-                moe_forward(p, x[:1], slots[:1], w[:1])  # GEMV path
-            set_precision(saved)
+            for prec in PRECISIONS:
+                moe_forward(p, x, slots, w, precision=prec)        # GEMM path (5 tokens per expert)
+                moe_forward(p, x[:1], slots[:1], w[:1], precision=prec)  # GEMV path
         else:
             moe_forward(p, x, slots, w)
     return time.perf_counter() - t0

@@ -97,5 +97,6 @@ class NumbaRoutedExperts:
     def __call__(self, layer_id: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         xn = x.detach().to("cpu", torch.float32).contiguous().numpy()
         out = self._k.moe_forward(self.layers[layer_id], xn, idx.to("cpu").numpy(),
-                                  weights.detach().to("cpu", torch.float32).numpy())
+                                  weights.detach().to("cpu", torch.float32).numpy(),
+                                  precision=self._k.precision_for(x.dtype))
         return torch.from_numpy(out).to(device=x.device, dtype=x.dtype)

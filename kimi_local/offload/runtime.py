@@ -363,7 +363,8 @@ class OffloadedExperts:
 
     # ------------------------------------------------------------------ compute
 
-    def _cpu_part(self, layer: int, x: np.ndarray, idx: np.ndarray, w: np.ndarray, st: LayerStats) -> np.ndarray:
+    def _cpu_part(self, layer: int, x: np.ndarray, idx: np.ndarray, w: np.ndarray, st: LayerStats,
+                  precision: str) -> np.ndarray:
         t0 = time.perf_counter()
         out = np.zeros((x.shape[0], self.args.hidden_size), np.float32)
         needed = [int(e) for e in np.unique(idx[idx >= 0])]
@@ -376,7 +377,7 @@ class OffloadedExperts:
             for e in group:
                 lut[e] = e if self.resident_all else slot_of[e]
             slots = np.where(idx >= 0, lut[np.maximum(idx, 0)], -1)
-            out += self._k.moe_forward(self.packed[layer], x, slots, w)
+            out += self._k.moe_forward(self.packed[layer], x, slots, w, precision=precision)
         st.cpu_seconds += time.perf_counter() - t0
         return out
 
@@ -448,7 +449,7 @@ class OffloadedExperts:
             on_fast = np.isin(idx_np, fast_experts)
             cpu_idx = np.where(on_fast, -1, idx_np)
             st.fast_uses += int(on_fast.sum())
-        fut = self._cpu.submit(self._cpu_part, layer, x_np, cpu_idx, w_np, st)
+        fut = self._cpu.submit(self._cpu_part, layer, x_np, cpu_idx, w_np, st, self._k.precision_for(x.dtype))
 
         def finish() -> torch.Tensor:
             y_fast = self._fast_part(layer, x, idx_c, weights, fast_experts, st) if fast_experts else None
