@@ -396,6 +396,9 @@ def load_model(model_dir: str, *, device="cpu", dtype: torch.dtype = torch.bfloa
     attach = getattr(experts, "attach_model", None)
     if attach is not None:
         attach(model)
+    if torch.device(device).type == "cpu":
+        from kimi_local.cpu_kernels.norm import install
+        install(model)
     model.load_seconds = time.perf_counter() - t0
     model.load_bytes = total
     model.eval()

@@ -31,8 +31,15 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        # Optional fast path, ``fast(x) -> tensor | None`` (None: not applicable).  The loader installs the
+        # CPU kernel (kimi_local.cpu_kernels.norm) on CPU models; this module's code is its reference.
+        self.fast = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast is not None:
+            y = self.fast(x)
+            if y is not None:
+                return y
         # Variance in fp32 (as HF does): bf16 squares lose too much for 7168-wide rows.
         xf = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)   # x * rsqrt(mean(x^2) + eps), one op
         return self.weight * xf.to(x.dtype)
@@ -143,12 +150,16 @@ class KVCache:
         L = args.num_hidden_layers
         self.max_len = max_len
         self.batch = batch
-        self.kv = torch.zeros(L, batch, max_len, args.kv_lora_rank, device=device, dtype=dtype)
-        self.pe = torch.zeros(L, batch, max_len, args.qk_rope_head_dim, device=device, dtype=dtype)
+        C = args.kv_lora_rank
+        # One buffer, latent then rope key per position: the absorbed attention scores a query against both
+        # with a single matmul.  kv / pe are views of it.
+        self.kvpe = torch.zeros(L, batch, max_len, C + args.qk_rope_head_dim, device=device, dtype=dtype)
+        self.kv = self.kvpe[..., :C]
+        self.pe = self.kvpe[..., C:]
 
     @property
     def nbytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size() + self.pe.numel() * self.pe.element_size()
+        return self.kvpe.numel() * self.kvpe.element_size()
 
 
 # ----------------------------------------------------------------------------------------- attention
@@ -176,6 +187,7 @@ class MLA(nn.Module):
         self.o_proj = linear(self.n_heads * self.v_dim, args.hidden_size)
         self.softmax_scale = args.softmax_scale
         self._kv_b_cast: Optional[torch.Tensor] = None
+        self._absorb: Optional[tuple] = None
 
     def _kv_b_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """kv_b_proj's weight viewed per head [H, Dn + Dv, C], in the attention dtype (cast once, kept)."""
@@ -185,6 +197,18 @@ class MLA(nn.Module):
                 self._kv_b_cast = w.to(dtype)
             w = self._kv_b_cast
         return w.view(self.n_heads, self.nope + self.v_dim, self.kv_lora)
+
+    def _absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_uk [H, Dn, C] times the softmax scale, W_uv^T [H, C, Dv]) for the absorbed form, contiguous in
+        the attention dtype; rebuilt when the weight, its dtype or its device changes."""
+        w = self.kv_b_proj.weight
+        key = (w.data_ptr(), w._version, dtype, w.device)
+        if self._absorb is None or self._absorb[0] != key:
+            wkv_b = self._kv_b_weight(dtype)
+            w_uk = (wkv_b[:, : self.nope] * self.softmax_scale).contiguous()
+            w_uv_t = wkv_b[:, self.nope:].transpose(1, 2).contiguous()
+            self._absorb = (key, w_uk, w_uv_t)
+        return self._absorb[1], self._absorb[2]
 
     def forward(self, x: torch.Tensor, start_pos: int, rot: torch.Tensor,
                 cache: Optional[KVCache], mode: str) -> torch.Tensor:
@@ -196,20 +220,22 @@ class MLA(nn.Module):
             q = self.q_proj(x)
         q = q.view(B, S, H, self.nope + self.rope)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)  # rope part is the *last* Dr of each head
-        q_pe = apply_rope(q_pe, rot)
         kv = self.kv_a_proj_with_mqa(x)
         c_kv, k_pe = kv.split([self.kv_lora, self.rope], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)                               # [B, S, C]
-        k_pe = apply_rope(k_pe.unsqueeze(2), rot).squeeze(2)           # [B, S, Dr], shared by all heads
+        # one rotation for the H query heads and the shared key (as head H)
+        pe = apply_rope(torch.cat([q_pe, k_pe.unsqueeze(2)], dim=2), rot)
+        q_pe, k_pe = pe[:, :, :H], pe[:, :, H]                         # k_pe [B, S, Dr], shared by all heads
         end = start_pos + S
         cd = attention_dtype(x)
         if cache is not None:
             cache.kv[self.layer_id, :B, start_pos:end] = c_kv.to(cache.kv.dtype)
             cache.pe[self.layer_id, :B, start_pos:end] = k_pe.to(cache.pe.dtype)
-            c_all = cache.kv[self.layer_id, :B, :end].to(cd)              # [B, T, C]
-            pe_all = cache.pe[self.layer_id, :B, :end].to(cd)             # [B, T, Dr]
+            kvpe_all = cache.kvpe[self.layer_id, :B, :end].to(cd)         # [B, T, C + Dr]
+            c_all, pe_all = kvpe_all[..., : self.kv_lora], kvpe_all[..., self.kv_lora:]
         else:
             c_all, pe_all = c_kv.to(cd), k_pe.to(cd)
+            kvpe_all = None
         q_nope, q_pe = q_nope.to(cd), q_pe.to(cd)
         T = end
         mask = None
@@ -219,32 +245,39 @@ class MLA(nn.Module):
             kpos = torch.arange(T, device=x.device)[None, :]
             mask = torch.where(kpos > qpos, float("-inf"), 0.0)          # [S, T]
 
-        wkv_b = self._kv_b_weight(cd)                                   # [H, Dn + Dv, C]
         if mode == "auto":
             mode = "absorbed" if 4 * S <= T else "naive"
-        # The softmax scale is folded into the queries (S x H x D values, not S x H x T scores), and the
-        # rope part's scores use the single shared k_pe directly: q.k = q_nope.k_nope + q_pe.k_pe.
-        q_nope, q_pe = q_nope * self.softmax_scale, q_pe * self.softmax_scale
         if mode == "naive":
+            # The softmax scale is folded into the queries (S x H x D values, not S x H x T scores), and the
+            # rope part's scores use the single shared k_pe directly: q.k = q_nope.k_nope + q_pe.k_pe.
+            q_nope, q_pe = q_nope * self.softmax_scale, q_pe * self.softmax_scale
+            wkv_b = self._kv_b_weight(cd)                                   # [H, Dn + Dv, C]
             kvb = torch.einsum("btc,hdc->bthd", c_all, wkv_b)             # kv_b_proj, per head
             k_nope, v = kvb.split([self.nope, self.v_dim], dim=-1)
             scores = torch.einsum("bshd,bthd->bhst", q_nope, k_nope).float()
             scores += torch.einsum("bshr,btr->bhst", q_pe, pe_all).float()
+            if mask is not None:
+                scores += mask                                             # [S, T] broadcast over (b, h)
+            p = scores.softmax(dim=-1).to(cd)
+            o = torch.einsum("bhst,bthd->bshd", p, v)
         elif mode == "absorbed":
-            # Fold kv_b_proj into the query and the output: attention runs in the C-dim latent space.
-            q_lat = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, : self.nope])
-            scores = torch.einsum("bshc,btc->bhst", q_lat, c_all).float()
-            scores += torch.einsum("bshr,btr->bhst", q_pe, pe_all).float()
+            # Fold kv_b_proj into the query and the output: attention runs in the C-dim latent space, and
+            # [q_lat, q_pe] . [c_kv, k_pe] scores latent and rope parts in one product per batch row.
+            w_uk, w_uv_t = self._absorbed_weights(cd)                     # [H, Dn, C] (scaled), [H, C, Dv]
+            q_lat = torch.bmm(q_nope.transpose(0, 2).reshape(H, S * B, self.nope), w_uk)   # [H, S*B, C]
+            q_lat = q_lat.view(H, S, B, self.kv_lora).permute(2, 1, 0, 3)                  # [B, S, H, C]
+            q_cat = torch.cat([q_lat, q_pe * self.softmax_scale], dim=-1).reshape(B, S * H, -1)
+            if kvpe_all is None:
+                kvpe_all = torch.cat([c_all, pe_all], dim=-1)
+            scores = torch.bmm(q_cat, kvpe_all.transpose(1, 2)).float()    # [B, S*H, T]
+            if mask is not None:
+                scores = (scores.view(B, S, H, T) + mask[:, None, :]).view(B, S * H, T)
+            p = scores.softmax(dim=-1).to(cd)
+            o_lat = torch.bmm(p, c_all)                                      # [B, S*H, C]
+            o_lat = o_lat.view(B * S, H, self.kv_lora).transpose(0, 1)     # [H, B*S, C]
+            o = torch.bmm(o_lat, w_uv_t).transpose(0, 1)                     # [B*S, H, Dv]
         else:
             raise ValueError(f"unknown attention mode {mode!r}")
-        if mask is not None:
-            scores += mask                                                 # [S, T] broadcast over (b, h)
-        p = scores.softmax(dim=-1).to(cd)
-        if mode == "naive":
-            o = torch.einsum("bhst,bthd->bshd", p, v)
-        else:
-            o_lat = torch.einsum("bhst,btc->bshc", p, c_all)
-            o = torch.einsum("bshc,hdc->bshd", o_lat, wkv_b[:, self.nope:])
         o = o.to(x.dtype)
         return self.o_proj(o.reshape(B, S, H * self.v_dim))
 
@@ -305,14 +338,25 @@ class Gate(nn.Module):
         super().__init__()
         self.args = args
         self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.hidden_size))
+        self._w32: Optional[tuple] = None
         if args.topk_method == "noaux_tc":
             self.e_score_correction_bias = nn.Parameter(torch.zeros(args.n_routed_experts, dtype=torch.float32))
         else:
             self.e_score_correction_bias = None
 
+    def _weight_f32(self) -> torch.Tensor:
+        """The router weight in float32 (converted once per weight version and device, then kept)."""
+        w = self.weight
+        if w.dtype == torch.float32:
+            return w
+        key = (w.data_ptr(), w._version, w.device)
+        if self._w32 is None or self._w32[0] != key:
+            self._w32 = (key, w.float())
+        return self._w32[1]
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.args
-        logits = F.linear(x.float(), self.weight.float())              # [N, E]; fp32: near-ties flip top-k
+        logits = F.linear(x.float(), self._weight_f32())               # [N, E]; fp32: near-ties flip top-k
         scores = logits.sigmoid() if a.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias.float()
         if a.n_group > 1 and a.topk_method in ("noaux_tc", "group_limited_greedy"):
@@ -409,11 +453,15 @@ class KimiModel(nn.Module):
         return KVCache(self.args, max_len, batch, device=p.device, dtype=attention_dtype(p))
 
     def _rotation(self, start_pos: int, S: int, device) -> torch.Tensor:
-        """[S, Dr/2] complex rotations for positions start_pos..start_pos+S-1 (YaRN frequencies, amplitude)."""
+        """[S, Dr/2] complex rotations for positions start_pos..start_pos+S-1 (YaRN frequencies, amplitude),
+        sliced from a per-device table that grows (doubling) to cover the positions asked for."""
         key = str(device)
-        if key not in self._rope:
-            self._rope[key] = rope_inv_freq(self.args, device)
-        return rope_rotation(*self._rope[key], start_pos, S)
+        end = start_pos + S
+        table = self._rope.get(key)
+        if table is None or table.shape[0] < end:
+            n = max(end, 2 * table.shape[0] if table is not None else 4096)
+            table = self._rope[key] = rope_rotation(*rope_inv_freq(self.args, device), 0, n)
+        return table[start_pos:end]
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: Optional[KVCache] = None,

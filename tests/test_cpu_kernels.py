@@ -337,28 +337,52 @@ def test_expert_backend_picks_precision_from_dtype(tiny_dir, monkeypatch):
         assert seen and set(seen) == {want}, (dtype, seen)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-def test_numba_and_torch_backends_generate_the_same_tokens(tiny_dir, dtype):
-    """Greedy generation on the tiny model: the numba kernels and the torch twin give the same tokens, and
-    logits agree within the dtype's tolerance (float32: ~1e-5 of the logit scale)."""
+def _greedy(model, ids, n=16):
+    """(greedy tokens, logits rows [n+1, V] float32) from a prefill of ids and n decode steps."""
+    cache = model.new_cache(128)
+    logits = model(torch.tensor([ids]), 0, cache)
+    out, rows, pos = [], [logits[0, -1].float()], len(ids)
+    for _ in range(n):
+        t = int(logits[0, -1].argmax())
+        out.append(t)
+        logits = model(torch.tensor([[t]]), pos, cache)
+        rows.append(logits[0, -1].float())
+        pos += 1
+    return out, torch.stack(rows)
+
+
+PROMPTS = (list(range(5, 40)), [7] * 20)
+
+
+def test_numba_and_torch_backends_generate_the_same_tokens(tiny_dir):
+    """Greedy generation on the tiny model (float32): the numba kernels and the torch twin give the same
+    tokens, and logits agree to ~1e-5 of their scale."""
     from kimi_local.checkpoint import load_model
-
-    def greedy(model, ids, n=16):
-        cache = model.new_cache(128)
-        logits = model(torch.tensor([ids]), 0, cache)
-        out, rows, pos = [], [logits[0, -1].float()], len(ids)
-        for _ in range(n):
-            t = int(logits[0, -1].argmax())
-            out.append(t)
-            logits = model(torch.tensor([[t]]), pos, cache)
-            rows.append(logits[0, -1].float())
-            pos += 1
-        return out, torch.stack(rows)
-
-    a_model = load_model(tiny_dir, dtype=dtype, expert_backend="numba")
-    b_model = load_model(tiny_dir, dtype=dtype, expert_backend="torch")
-    for ids in (list(range(5, 40)), [7] * 20):
-        (ta, la), (tb, lb) = greedy(a_model, ids), greedy(b_model, ids)
+    a_model = load_model(tiny_dir, dtype=torch.float32, expert_backend="numba")
+    b_model = load_model(tiny_dir, dtype=torch.float32, expert_backend="torch")
+    for ids in PROMPTS:
+        (ta, la), (tb, lb) = _greedy(a_model, ids), _greedy(b_model, ids)
         assert ta == tb
-        tol = 1e-4 if dtype == torch.float32 else 0.1
-        assert float((la - lb).abs().max()) <= tol * float(lb.abs().max())
+        assert float((la - lb).abs().max()) <= 1e-4 * float(lb.abs().max())
+
+
+def test_numba_bf16_is_as_accurate_as_torch_bf16(tiny_dir):
+    """In bf16 both backends round (activations / dequantised weights) differently, so greedy paths may part
+    at near-ties; what must hold is that the numba path is no less accurate: scored on the same tokens (the
+    float32 greedy continuation), its logits are as close to float32's as the torch bf16 path's are."""
+    from kimi_local.checkpoint import load_model
+    ref = load_model(tiny_dir, dtype=torch.float32, expert_backend="torch")
+    nb = load_model(tiny_dir, dtype=torch.bfloat16, expert_backend="numba")
+    tb = load_model(tiny_dir, dtype=torch.bfloat16, expert_backend="torch")
+    for ids in PROMPTS:
+        toks, _ = _greedy(ref, ids)
+        seq = torch.tensor([ids + toks])
+        want = ref(seq)[0].float()
+        got_nb, got_tb = nb(seq)[0].float(), tb(seq)[0].float()
+        err_nb = float((got_nb - want).abs().mean())
+        err_tb = float((got_tb - want).abs().mean())
+        assert err_nb <= 1.5 * err_tb + 1e-3, (err_nb, err_tb)
+        # argmax agreement with float32 (random tiny weights leave many near-ties that bf16 flips)
+        agree_nb = float((got_nb.argmax(-1) == want.argmax(-1)).float().mean())
+        agree_tb = float((got_tb.argmax(-1) == want.argmax(-1)).float().mean())
+        assert agree_nb >= agree_tb - 0.1, (agree_nb, agree_tb)

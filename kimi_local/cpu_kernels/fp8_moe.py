@@ -884,7 +884,8 @@ def moe_forward(p: PackedExperts, x: np.ndarray, slots: np.ndarray, weights: np.
     nthreads = get_num_threads()
     with _lock:  # numba's thread count is per calling thread; the lock keeps concurrent callers tidy
         prev = numba.get_num_threads()
-        numba.set_num_threads(nthreads)
+        if prev != nthreads:
+            numba.set_num_threads(nthreads)
         try:
             if fast_path_available() and p.block == (128, 128):
                 _moe_fast(p.w1, p.w3, p.w2, p.s1, p.s3, p.s2, p.hidden, p.inter, x, uniq, start, ptok, pw,
@@ -892,7 +893,8 @@ def moe_forward(p: PackedExperts, x: np.ndarray, slots: np.ndarray, weights: np.
             else:
                 _moe_portable_dispatch(p, x, uniq, start, ptok, pw, out)
         finally:
-            numba.set_num_threads(prev)
+            if prev != nthreads:
+                numba.set_num_threads(prev)
     return out
 
 

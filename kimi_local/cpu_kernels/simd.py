@@ -26,7 +26,7 @@ __all__ = [
     "zero_f32x16", "splat_f32x16", "splat_u8x64", "zero_u64x8",
     "and_u8x64", "or_u8x64", "perm2_u8x64", "unpacklo_u8_to_u16", "unpackhi_u8_to_u16",
     "dpbf16", "cvt_f32_bf16", "bf16_to_f32", "add_f32x16", "sub_f32x16", "mul_f32x16",
-    "hsum_f32x16", "add_u64x8", "xor_u64x8", "hsum_u64x8", "prefetch", "prefetch_l2",
+    "hsum_f32x16", "bitcast_u32_f32", "bitcast_f32_u32", "add_u64x8", "xor_u64x8", "hsum_u64x8", "prefetch", "prefetch_l2",
 ]
 
 
@@ -326,6 +326,18 @@ def bitcast_u32_f32(typingctx, v):
 
     def codegen(context, builder, sig, args):
         return builder.bitcast(builder.trunc(args[0], _I32) if v.bitwidth > 32 else args[0], _F32)
+    return sig, codegen
+
+
+@intrinsic
+def bitcast_f32_u32(typingctx, v):
+    """The bits of a float32 scalar as a uint32."""
+    if v != types.float32:
+        return None
+    sig = types.uint32(v)
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], _I32)
     return sig, codegen
 
 

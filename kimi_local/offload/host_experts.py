@@ -42,6 +42,14 @@ def hugepage_alloc(shape, dtype) -> np.ndarray:
     return np.frombuffer(m, dtype=dtype).reshape(shape)  # the array's base keeps the mapping alive
 
 
+def host_f32(t: torch.Tensor) -> np.ndarray:
+    """A contiguous float32 numpy array of ``t`` (no copy when it already is one on the CPU)."""
+    t = t.detach()
+    if t.device.type != "cpu" or t.dtype != torch.float32:
+        t = t.to("cpu", torch.float32)
+    return t.contiguous().numpy()
+
+
 def fp8_numpy(w: FP8BlockWeight) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 e4m3 bytes, float32 scale grid) numpy views of a CPU FP8BlockWeight."""
     return w.q.view(torch.uint8).numpy(), w.scale_inv.float().numpy()
@@ -95,8 +103,7 @@ class NumbaRoutedExperts:
         return sum(p.nbytes for p in self.layers.values())
 
     def __call__(self, layer_id: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        xn = x.detach().to("cpu", torch.float32).contiguous().numpy()
-        out = self._k.moe_forward(self.layers[layer_id], xn, idx.to("cpu").numpy(),
-                                  weights.detach().to("cpu", torch.float32).numpy(),
+        out = self._k.moe_forward(self.layers[layer_id], host_f32(x), idx.detach().cpu().numpy(), host_f32(weights),
                                   precision=self._k.precision_for(x.dtype))
-        return torch.from_numpy(out).to(device=x.device, dtype=x.dtype)
+        y = torch.from_numpy(out)
+        return y if x.dtype == torch.float32 and x.device.type == "cpu" else y.to(device=x.device, dtype=x.dtype)

@@ -37,7 +37,7 @@ from kimi_local.config import ModelArgs
 from kimi_local.errors import UserError
 from kimi_local.fp8 import FP8BlockWeight
 from kimi_local.offload.cuda import CopyStream, cuda_available, pinned_allocator
-from kimi_local.offload.host_experts import PROJS, fp8_numpy, hugepage_alloc
+from kimi_local.offload.host_experts import PROJS, fp8_numpy, host_f32, hugepage_alloc
 from kimi_local.offload.policies import make_cache
 from kimi_local.offload.predictor import ExpertPredictor, PredictionStats
 
@@ -442,8 +442,8 @@ class OffloadedExperts:
             # Only experts whose copy had landed *before* this step's loads are used: never wait on a transfer.
             fast_experts = sorted(e for e in ready_before if self._fast_ready(layer, e))
 
-        w_np = weights.detach().to("cpu", torch.float32).numpy()
-        x_np = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        w_np = host_f32(weights)
+        x_np = host_f32(x)
         cpu_idx = idx_np
         if fast_experts:
             on_fast = np.isin(idx_np, fast_experts)

@@ -1,0 +1,79 @@
+"""The Numba RMSNorm fast path (kimi_local.cpu_kernels.norm) against the module's own torch code."""
+
+import pytest
+import torch
+
+from kimi_local.cpu_kernels.norm import MAX_ROWS, install
+from kimi_local.model import RMSNorm
+
+
+def _pair(dim, eps=1e-6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ref = RMSNorm(dim, eps)
+    with torch.no_grad():
+        ref.weight.copy_(torch.randn(dim, generator=g) * 0.5 + 1.0)
+    fast = RMSNorm(dim, eps)
+    fast.load_state_dict(ref.state_dict())
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.n = fast
+    assert install(Holder()) == 1 and fast.fast is not None
+    return ref, fast
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("shape", [(1, 1, 192), (3, 5, 160), (1, 7168), (2, 1, 40)])
+def test_fast_rms_norm_matches_torch(dtype, shape):
+    ref, fast = _pair(shape[-1], seed=shape[-1])
+    ref, fast = ref.to(dtype), fast.to(dtype)
+    x = (torch.randn(shape) * 3).to(dtype)
+    with torch.inference_mode():
+        want, got = ref(x), fast(x)
+    assert got.dtype == dtype and got.shape == want.shape
+    if dtype == torch.bfloat16:   # the same rounding steps; mean-of-squares order may move a last bit
+        ulps = (got.float() - want.float()).abs() / want.float().abs().clamp_min(1e-30)
+        assert float((ulps > 2 ** -7).float().mean()) == 0.0
+        assert float((got != want).float().mean()) < 0.01
+    else:
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
+
+
+def test_fast_rms_norm_strided_input_and_special_values():
+    ref, fast = _pair(96)
+    ref, fast = ref.to(torch.bfloat16), fast.to(torch.bfloat16)
+    base = torch.randn(4, 128).to(torch.bfloat16)
+    x = base[:, :96]                                   # a split view, as MLA's c_kv is
+    assert not x.is_contiguous()
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), ref(x), rtol=2 ** -7, atol=0)
+        z = torch.zeros(1, 96, dtype=torch.bfloat16)
+        assert torch.equal(fast(z), ref(z))           # eps keeps zero rows finite
+        n = x.clone()
+        n[0, 3] = float("nan")
+        assert torch.isnan(fast(n)[0]).all() and torch.isnan(ref(n)[0]).all()
+
+
+def test_fast_path_declines_what_it_does_not_cover():
+    ref, fast = _pair(64)
+    big = torch.randn(MAX_ROWS + 1, 64)
+    assert fast.fast(big) is None                      # prefill-sized batches stay on torch
+    assert fast.fast(torch.randn(2, 64, dtype=torch.float16)) is None
+    x = torch.randn(2, 64, requires_grad=True)
+    assert fast.fast(x) is None
+    torch.testing.assert_close(fast(big), ref(big))
+
+
+def test_loader_installs_fast_norm_on_cpu(tiny_dir):
+    from kimi_local.checkpoint import load_model
+    m = load_model(tiny_dir, dtype=torch.float32, expert_backend="torch")
+    norms = [mod for mod in m.modules() if isinstance(mod, RMSNorm)]
+    assert norms and all(n.fast is not None for n in norms)
+    tokens = torch.tensor([[5, 6, 7, 8]])
+    with torch.inference_mode():
+        a = m(tokens)
+        for n in norms:
+            n.fast = None
+        b = m(tokens)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
