@@ -396,6 +396,7 @@ def load_model(model_dir: str, *, device="cpu", dtype: torch.dtype = torch.bfloa
     attach = getattr(experts, "attach_model", None)
     if attach is not None:
         attach(model)
+    model.fuse_projections()
     if torch.device(device).type == "cpu":
         from kimi_local.cpu_kernels.norm import install
         install(model)

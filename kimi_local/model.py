@@ -57,9 +57,39 @@ class MLP(nn.Module):
         self.gate_proj = linear(dim, inter)
         self.up_proj = linear(dim, inter)
         self.down_proj = linear(inter, dim)
+        self._gate_up: Optional[torch.Tensor] = None
+
+    def fuse(self) -> None:
+        """Store gate_proj and up_proj as the two halves of one [2I, D] weight (the parameters become views of
+        it: no extra memory) so that a forward runs one matmul for both."""
+        self._gate_up = fuse_weights(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = fused_weight(self._gate_up, self.gate_proj)
+        if w is not None:
+            g, u = F.linear(x, w).chunk(2, dim=-1)
+            return self.down_proj(F.silu(g) * u)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def fuse_weights(*layers: nn.Linear) -> torch.Tensor:
+    """Concatenate the weights of ``layers`` (same input size) into one tensor and make each layer's weight
+    a view of its rows; returns the concatenation."""
+    with torch.no_grad():
+        w = torch.cat([m.weight.data for m in layers])
+        r = 0
+        for m in layers:
+            n = m.weight.shape[0]
+            m.weight.data = w[r: r + n]
+            r += n
+    return w
+
+
+def fused_weight(w: Optional[torch.Tensor], first: nn.Linear) -> Optional[torch.Tensor]:
+    """The fused weight while the layers still view it (moving or reassigning a weight silently un-fuses)."""
+    if w is not None and first.weight.data_ptr() == w.data_ptr() and first.weight.device == w.device:
+        return w
+    return None
 
 
 # ----------------------------------------------------------------------------------------- RoPE / YaRN
@@ -188,6 +218,12 @@ class MLA(nn.Module):
         self.softmax_scale = args.softmax_scale
         self._kv_b_cast: Optional[torch.Tensor] = None
         self._absorb: Optional[tuple] = None
+        self._qkv_a: Optional[torch.Tensor] = None
+
+    def fuse(self) -> None:
+        """One matmul for q_a_proj and kv_a_proj_with_mqa (both read x): their weights become views of one."""
+        if self.q_lora:
+            self._qkv_a = fuse_weights(self.q_a_proj, self.kv_a_proj_with_mqa)
 
     def _kv_b_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """kv_b_proj's weight viewed per head [H, Dn + Dv, C], in the attention dtype (cast once, kept)."""
@@ -214,14 +250,18 @@ class MLA(nn.Module):
                 cache: Optional[KVCache], mode: str) -> torch.Tensor:
         B, S, _ = x.shape
         H = self.n_heads
-        if self.q_lora:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        w_qkv = fused_weight(self._qkv_a, self.q_a_proj) if self.q_lora else None
+        if w_qkv is not None:
+            q_a, c_kv, k_pe = F.linear(x, w_qkv).split([self.q_lora, self.kv_lora, self.rope], dim=-1)
+            q = self.q_b_proj(self.q_a_layernorm(q_a))
         else:
-            q = self.q_proj(x)
+            if self.q_lora:
+                q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            else:
+                q = self.q_proj(x)
+            c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora, self.rope], dim=-1)
         q = q.view(B, S, H, self.nope + self.rope)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)  # rope part is the *last* Dr of each head
-        kv = self.kv_a_proj_with_mqa(x)
-        c_kv, k_pe = kv.split([self.kv_lora, self.rope], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)                               # [B, S, C]
         # one rotation for the H query heads and the shared key (as head H)
         pe = apply_rope(torch.cat([q_pe, k_pe.unsqueeze(2)], dim=2), rot)
@@ -440,6 +480,14 @@ class KimiModel(nn.Module):
         self.lm_head = linear(args.hidden_size, args.vocab_size)
         self.attn_mode = "auto"   # "naive" | "absorbed" | "auto" (absorbed when few new tokens)
         self._rope: dict = {}
+
+    def fuse_projections(self) -> None:
+        """Run projections that read the same input as one matmul each (q_a + kv_a; every SwiGLU's gate + up).
+        Parameter names and values are unchanged (they become views of the fused weights); the loader calls
+        this once the weights are in place."""
+        for m in self.modules():
+            if isinstance(m, (MLA, MLP)):
+                m.fuse()
 
     def set_experts(self, experts: RoutedExperts) -> None:
         """Swap the routed-expert implementation (torch oracle, Numba kernels, offload runtime)."""
