@@ -1,8 +1,45 @@
-"""CPU kernels: Numba block-FP8 routed-expert compute (fp8_moe), its benchmark (bench) and the DRAM
-read-bandwidth ceiling (membw)."""
+"""CPU kernels: Numba block-FP8 routed-expert compute (fp8_moe), RMSNorm for small batches (norm), the
+benchmark (bench) and the DRAM read-bandwidth ceiling (membw)."""
 
-from .fp8_moe import (PackedExperts, fast_path_available, get_num_threads, get_precision, moe_forward,
-                      moe_forward_ref, set_num_threads, set_precision, warmup)
+import glob as _glob
+import hashlib as _hashlib
+import os as _os
+
+
+def _drop_stale_numba_caches() -> None:
+    """Numba's on-disk cache of a module is keyed on that module's own source file only, so after an edit of
+    the shared intrinsics (simd.py) every kernel would silently keep its old machine code.  Keep a stamp of
+    simd.py next to the caches and drop this package's caches when it changes."""
+    here = _os.path.dirname(__file__)
+    try:
+        with open(_os.path.join(here, "simd.py"), "rb") as f:
+            stamp = _hashlib.sha1(f.read()).hexdigest()[:16]
+    except OSError:
+        return
+    dirs = [_os.path.join(here, "__pycache__")]
+    if _os.environ.get("NUMBA_CACHE_DIR"):
+        dirs.append(_os.environ["NUMBA_CACHE_DIR"])
+    for d in dirs:
+        marker = _os.path.join(d, f"kimi-simd-{stamp}.stamp")
+        if not _os.path.isdir(d) or _os.path.exists(marker):
+            continue
+        try:
+            for pattern in ("*.nbi", "*.nbc"):
+                for path in _glob.glob(_os.path.join(d, "**", pattern), recursive=True):
+                    name = _os.path.basename(path)
+                    if name.startswith(("fp8_moe.", "membw.", "norm.")):
+                        _os.remove(path)
+            for old in _glob.glob(_os.path.join(d, "kimi-simd-*.stamp")):
+                _os.remove(old)
+            open(marker, "w").close()
+        except OSError:
+            pass  # read-only install: nothing cached there by us either
+
+
+_drop_stale_numba_caches()
+
+from .fp8_moe import (PackedExperts, fast_path_available, get_num_threads, get_precision,  # noqa: E402
+                      moe_forward, moe_forward_ref, precision_for, set_num_threads, set_precision, warmup)
 
 __all__ = ["PackedExperts", "moe_forward", "moe_forward_ref", "set_num_threads", "get_num_threads", "warmup",
-           "set_precision", "get_precision", "fast_path_available"]
+           "set_precision", "get_precision", "precision_for", "fast_path_available"]
