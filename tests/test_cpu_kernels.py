@@ -122,6 +122,23 @@ def test_set_slot_validation():
     assert p.nbytes >= 3 * D * I and (p.n_slots, p.hidden, p.inter, p.block) == (2, D, I, (128, 128))
 
 
+@pytest.mark.parametrize("shape", [(128, 256), (130, 200), (7, 63), (4, 64), (576, 7168 // 8)])
+def test_fused_pack_matches_numpy_pack(shape):
+    """The one-pass Numba pack + NaN count equals the numpy reference layout, padding zeroed even in a
+    dirty destination, and counts every NaN code."""
+    rng = np.random.default_rng(shape[0] * 7 + shape[1])
+    q = _rand_q(rng, shape)
+    R, C = shape
+    n = -(-R // m.RG) * m.RG * (-(-C // m.CHUNK) * m.CHUNK)
+    ref, got = np.zeros(n, np.uint8), np.full(n, 0xAB, np.uint8)
+    m._pack_matrix(q, ref)
+    assert m._pack_count_nan(q, got) == 0
+    np.testing.assert_array_equal(got, ref)
+    np.testing.assert_array_equal(m._unpack_matrix(got, R, C), q)
+    q[0, 0], q[-1, -1] = 0x7F, 0xFF
+    assert m._pack_count_nan(q, got) == (2 if q.size > 1 else 1)
+
+
 def test_allocate_uses_alloc():
     calls = []
 

@@ -59,9 +59,9 @@ import numpy as np
 from numba import njit, prange
 
 from . import simd
-from .simd import (bitcast_u32_f32, add_f32x16, and_u8x64, bf16_to_f32, cvt_f32_bf16, dpbf16, hsum_f32x16, load_f32x16,
+from .simd import (bitcast_u32_f32, add_f32x16, add_u8x64, and_u8x64, bf16_to_f32, cvt_f32_bf16, dpbf16, hsum_f32x16, load_f32x16,
                    load_u8x64, load_u16x32, mul_f32x16, or_u8x64, perm2_u8x64, splat_f32x16, splat_u8x64,
-                   store_u16x16, sub_f32x16, prefetch_l2, unpackhi_u8_to_u16, unpacklo_u8_to_u16, zero_f32x16)
+                   store_u8x64, store_u16x16, sub_f32x16, prefetch_l2, unpackhi_u8_to_u16, unpacklo_u8_to_u16, zero_f32x16)
 
 __all__ = ["PackedExperts", "moe_forward", "moe_forward_ref", "set_num_threads", "get_num_threads", "warmup",
            "set_precision", "get_precision", "precision_for", "fast_path_available", "e4m3_decode_table",
@@ -205,7 +205,8 @@ def fast_path_available() -> bool:
 
 # ============================================================================================ packing
 def _pack_matrix(q: np.ndarray, out: np.ndarray) -> None:
-    """q [R, C] uint8 -> out flat [Rp*Cp] in the row-group layout [R/RG][C/64][RG][64] (zero padding)."""
+    """q [R, C] uint8 -> out flat [Rp*Cp] in the row-group layout [R/RG][C/64][RG][64] (zero padding).
+    The plain numpy reference of :func:`_pack_count_nan`, which set_slot uses."""
     R, C = q.shape
     Rp, Cp = _ceil(R, RG), _ceil(C, CHUNK)
     if Rp == R and Cp == C:
@@ -214,6 +215,48 @@ def _pack_matrix(q: np.ndarray, out: np.ndarray) -> None:
         src = np.zeros((Rp, Cp), np.uint8)
         src[:R, :C] = q
     out.reshape(Rp // RG, Cp // CHUNK, RG, CHUNK)[...] = src.reshape(Rp // RG, RG, Cp // CHUNK, CHUNK).transpose(0, 2, 1, 3)
+
+
+@njit(nogil=True, cache=True)
+def _pack_count_nan(q, out):
+    """_pack_matrix and the e4m3 NaN-code count in one pass over q (no temporaries); returns the count.
+    Whole 64-byte chunks move as one 512-bit load/store and are screened with ((b & 0x7F) + 1) & 0x80, which
+    is set exactly for the NaN codes 0x7F / 0xFF (plain LLVM vector ops: any x86-64).  nogil: the loader
+    packs experts from several threads at once."""
+    R, C = q.shape
+    nch = (C + CHUNK - 1) // CHUNK
+    ngr = (R + RG - 1) // RG
+    full = C // CHUNK
+    flat = q.ravel()
+    m7 = splat_u8x64(0x7F)
+    one = splat_u8x64(1)
+    acc = and_u8x64(m7, splat_u8x64(0))
+    bad = 0
+    for g in range(ngr):
+        for r in range(RG):
+            row = g * RG + r
+            for c in range(nch):
+                o = ((g * nch + c) * RG + r) * CHUNK
+                if row < R and c < full:
+                    v = load_u8x64(flat, row * C + c * CHUNK)
+                    acc = or_u8x64(acc, add_u8x64(and_u8x64(v, m7), one))
+                    store_u8x64(out, o, v)
+                    continue
+                c0 = c * CHUNK
+                n = min(CHUNK, C - c0) if row < R else 0
+                for j in range(n):
+                    b = q[row, c0 + j]
+                    bad += (b & 0x7F) == 0x7F
+                    out[o + j] = b
+                for j in range(n, CHUNK):
+                    out[o + j] = 0
+    lanes = np.empty(CHUNK, np.uint8)
+    store_u8x64(lanes, 0, acc)
+    if np.any(lanes & 0x80):   # some full chunk held a NaN code: count them exactly
+        for row in range(R):
+            for j in range(full * CHUNK):
+                bad += (q[row, j] & 0x7F) == 0x7F
+    return bad
 
 
 def _unpack_matrix(flat: np.ndarray, R: int, C: int) -> np.ndarray:
@@ -288,8 +331,12 @@ class PackedExperts:
                              f"{getattr(s, 'dtype', type(s))} {getattr(s, 'shape', None)}")
         if not np.all(np.isfinite(s)):
             raise ValueError(f"{name}: scale_inv has non-finite entries")
-        nan = (q & 0x7F) == 0x7F
-        if nan.any():
+
+    @staticmethod
+    def _pack(name, q, out) -> None:
+        """Pack q into out and reject e4m3 NaN codes (the slot is left unfilled then)."""
+        if _pack_count_nan(np.ascontiguousarray(q), out):
+            nan = (q & 0x7F) == 0x7F
             r, c = np.argwhere(nan)[0]
             raise ValueError(f"{name}: e4m3 NaN code 0x{int(q[r, c]):02X} at [{r}, {c}] "
                              f"({int(nan.sum())} NaN codes in total)")
@@ -303,9 +350,10 @@ class PackedExperts:
         self._check("w1 (gate_proj)", w1_q, w1_s, (I, D))
         self._check("w3 (up_proj)", w3_q, w3_s, (I, D))
         self._check("w2 (down_proj)", w2_q, w2_s, (D, I))
-        _pack_matrix(w1_q, self.w1[slot])
-        _pack_matrix(w3_q, self.w3[slot])
-        _pack_matrix(w2_q, self.w2[slot])
+        self.filled[slot] = False
+        self._pack("w1 (gate_proj)", w1_q, self.w1[slot])
+        self._pack("w3 (up_proj)", w3_q, self.w3[slot])
+        self._pack("w2 (down_proj)", w2_q, self.w2[slot])
         self.s1[slot] = w1_s
         self.s3[slot] = w3_s
         self.s2[slot] = w2_s

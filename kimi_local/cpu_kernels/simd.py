@@ -22,9 +22,9 @@ from numba.extending import intrinsic, models, register_model
 __all__ = [
     "have_avx512_bf16", "host_cpu_name", "host_features",
     "V64u8", "V32u16", "V16u16", "V16f32", "V8u64",
-    "load_u8x64", "load_u16x32", "load_f32x16", "store_f32x16", "store_u16x16", "load_u64x8",
+    "load_u8x64", "load_u16x32", "load_f32x16", "store_f32x16", "store_u16x16", "store_u8x64", "load_u64x8",
     "zero_f32x16", "splat_f32x16", "splat_u8x64", "zero_u64x8",
-    "and_u8x64", "or_u8x64", "perm2_u8x64", "unpacklo_u8_to_u16", "unpackhi_u8_to_u16",
+    "and_u8x64", "or_u8x64", "add_u8x64", "perm2_u8x64", "unpacklo_u8_to_u16", "unpackhi_u8_to_u16",
     "dpbf16", "cvt_f32_bf16", "bf16_to_f32", "add_f32x16", "sub_f32x16", "mul_f32x16",
     "hsum_f32x16", "bitcast_u32_f32", "bitcast_f32_u32", "add_u64x8", "xor_u64x8", "hsum_u64x8", "prefetch", "prefetch_l2",
 ]
@@ -144,6 +144,7 @@ def _make_store(vt: VecType):
 
 store_f32x16 = _make_store(V16f32)
 store_u16x16 = _make_store(V16u16)
+store_u8x64 = _make_store(V64u8)
 
 
 @intrinsic
@@ -201,6 +202,7 @@ def _binop(vt: VecType, op: str):
 
 and_u8x64 = _binop(V64u8, "and_")
 or_u8x64 = _binop(V64u8, "or_")
+add_u8x64 = _binop(V64u8, "add")
 add_f32x16 = _binop(V16f32, "fadd")
 sub_f32x16 = _binop(V16f32, "fsub")
 mul_f32x16 = _binop(V16f32, "fmul")
