@@ -135,15 +135,15 @@ def rope_rotation(inv_freq: torch.Tensor, amp: float, start_pos: int, S: int) ->
     return torch.polar(torch.full_like(ang, amp), ang)
 
 
-def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, rot: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Rotate **interleaved pairs** (x[2i], x[2i+1]) by angle i — the layout of DeepSeek/Kimi checkpoints.
 
     x: [B, S, h, Dr]; rot: [S, Dr/2] complex64 (amplitude * e^{i angle}).  Each pair is read as the
     complex number x[2i] + i x[2i+1] and multiplied by rot.  A half-split (NeoX rotate_half) version
-    would be silently wrong on these weights.
+    would be silently wrong on these weights.  The result is in ``dtype`` (default: x's).
     """
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))     # [B, S, h, Dr/2]
-    return torch.view_as_real(xc * rot[None, :, None, :]).flatten(-2).to(x.dtype)
+    return torch.view_as_real(xc * rot[None, :, None, :]).flatten(-2).to(dtype or x.dtype)
 
 
 # ----------------------------------------------------------------------------------------- KV cache
@@ -263,11 +263,11 @@ class MLA(nn.Module):
         q = q.view(B, S, H, self.nope + self.rope)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)  # rope part is the *last* Dr of each head
         c_kv = self.kv_a_layernorm(c_kv)                               # [B, S, C]
-        # one rotation for the H query heads and the shared key (as head H)
-        pe = apply_rope(torch.cat([q_pe, k_pe.unsqueeze(2)], dim=2), rot)
-        q_pe, k_pe = pe[:, :, :H], pe[:, :, H]                         # k_pe [B, S, Dr], shared by all heads
         end = start_pos + S
         cd = attention_dtype(x)
+        # one rotation for the H query heads and the shared key (as head H), straight into the attention dtype
+        pe = apply_rope(torch.cat([q_pe, k_pe.unsqueeze(2)], dim=2), rot, cd)
+        q_pe, k_pe = pe[:, :, :H], pe[:, :, H]                         # k_pe [B, S, Dr], shared by all heads
         if cache is not None:
             cache.kv[self.layer_id, :B, start_pos:end] = c_kv.to(cache.kv.dtype)
             cache.pe[self.layer_id, :B, start_pos:end] = k_pe.to(cache.pe.dtype)
@@ -276,7 +276,7 @@ class MLA(nn.Module):
         else:
             c_all, pe_all = c_kv.to(cd), k_pe.to(cd)
             kvpe_all = None
-        q_nope, q_pe = q_nope.to(cd), q_pe.to(cd)
+        q_nope = q_nope.to(cd)
         T = end
         mask = None
         if S > 1:
