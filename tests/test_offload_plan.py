@@ -259,7 +259,8 @@ def test_doctor_json_has_every_check(tmp_path, capsys):
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report["checks"]) == {"cpu", "cores", "numa", "ram", "memlock", "hugepages", "gpu", "versions",
-                                     "numba", "disk"}
+                                     "numba", "threads", "disk"}
+    assert report["checks"]["threads"]["details"]["wakeup_us"] > 0
     for c in report["checks"].values():
         assert c["verdict"] in doctor.VERDICTS and c["value"]
         assert c["verdict"] == "ok" or c["fix"]  # every warning says what to do
@@ -267,6 +268,20 @@ def test_doctor_json_has_every_check(tmp_path, capsys):
     assert report["checks"]["disk"]["details"]["bytes"] > 0
     assert "isa" in report["checks"]["cpu"]["details"]
     assert list(tmp_path.iterdir()) == []  # the temporary read-test file is gone
+
+
+@pytest.mark.parametrize("env,verdict", [
+    ({}, "ok"),
+    ({"GOMP_SPINCOUNT": "30000"}, "ok"),
+    ({"OMP_WAIT_POLICY": "passive"}, "warn"),
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, "warn"),
+    ({"GOMP_SPINCOUNT": "INFINITE"}, "warn"),
+    ({"GOMP_SPINCOUNT": "300000000"}, "warn"),
+])
+def test_doctor_thread_wait_policy(env, verdict):
+    c = doctor.check_thread_wait(env, wakeup_us=120.0)
+    assert c.verdict == verdict and "120 us" in c.value
+    assert verdict == "ok" or "unset" in c.fix
 
 
 def test_default_context_fits_a_small_model(tiny_dir):
