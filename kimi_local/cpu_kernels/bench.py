@@ -11,12 +11,13 @@ Figures (one run, same thread count throughout):
   decode_bw_fraction = decode bytes/s / mem_read_gbps
   prefill           one MoE layer, 8 experts per token, ~11 tokens per expert (512 * n_experts / 384 tokens):
                     tokens/s and effective weight bytes/s = tokens * 8 * bytes per expert / time
-
-Decode and prefill run in the activation precision of a default (bf16) model, ``"bf16"`` (see
-``fp8_moe.precision_for``; ``--precision`` / ``set_precision`` force another); the prefill is also timed in the
-other precision (``prefill_other_precision``: float32 models use ``"bf16x2"``, two dot products per weight).
   torch_reference   the same decode work through moe_forward_ref (dequantise + matmul), and the speed ratio
   compile_seconds   first-use compile (or cache load) time of every kernel (warmup())
+
+Decode and prefill run in the activation precision of a default (bf16) model, ``"bf16"`` (see
+``fp8_moe.precision_for``; ``fp8_moe.set_precision``, or ``--bf16x2`` when run as a module, forces another);
+the prefill is also timed in the other precision (``prefill_other_precision``: float32 models use ``"bf16x2"``,
+two dot products per weight).  Each figure records the precision it actually ran in.
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def bench_kernels(threads: int | None = None, quick: bool = False, n_experts: in
             "tokens_per_s": n_tok / tp,
             "effective_weight_bytes_per_s": n_tok * TOPK * bpe / tp,
             "effective_gbps": n_tok * TOPK * bpe / tp / 1e9,
-            "precision": precision,
+            "precision": fp8_moe.get_precision(precision),
         }
 
     prefill = time_prefill(prec)

@@ -59,9 +59,10 @@ import numpy as np
 from numba import njit, prange
 
 from . import simd
-from .simd import (bitcast_u32_f32, add_f32x16, add_u8x64, and_u8x64, bf16_to_f32, cvt_f32_bf16, dpbf16, hsum_f32x16, load_f32x16,
-                   load_u8x64, load_u16x32, mul_f32x16, or_u8x64, perm2_u8x64, splat_f32x16, splat_u8x64,
-                   store_u8x64, store_u16x16, sub_f32x16, prefetch_l2, unpackhi_u8_to_u16, unpacklo_u8_to_u16, zero_f32x16)
+from .simd import (add_f32x16, add_u8x64, and_u8x64, bf16_to_f32, bitcast_u32_f32, cvt_f32_bf16, dpbf16,
+                   hsum_f32x16, load_f32x16, load_u8x64, load_u16x32, mul_f32x16, or_u8x64, perm2_u8x64,
+                   prefetch_l2, splat_f32x16, splat_u8x64, store_u8x64, store_u16x16, sub_f32x16,
+                   unpackhi_u8_to_u16, unpacklo_u8_to_u16, zero_f32x16)
 
 __all__ = ["PackedExperts", "moe_forward", "moe_forward_ref", "set_num_threads", "get_num_threads", "warmup",
            "set_precision", "get_precision", "precision_for", "fast_path_available", "e4m3_decode_table",
