@@ -120,3 +120,19 @@ def test_fused_projections_keep_names_values_and_results(tiny_dir):
         a.q_a_proj.weight = torch.nn.Parameter(a.q_a_proj.weight.detach().clone() * 0)
     out = fused(x)
     assert not torch.allclose(out, plain(x), atol=1e-3)
+
+
+def test_batch_of_two_matches_single_rows(tiny_dir):
+    """Batched forward (naive, absorbed, cached prefill + decode) equals each row run alone."""
+    m = load_model(tiny_dir, dtype=torch.float32, expert_backend="torch")
+    x = torch.cat([_ids(40, m.args.vocab_size, seed=5), _ids(40, m.args.vocab_size, seed=6)])
+    m.attn_mode = "naive"
+    full = m(x)
+    m.attn_mode = "absorbed"
+    assert (m(x) - full).abs().max() < 1e-4
+    m.attn_mode = "auto"
+    cache = m.new_cache(64, batch=2)
+    parts = [m(x[:, :30], 0, cache)] + [m(x[:, i: i + 1], i, cache) for i in range(30, 40)]
+    assert (torch.cat(parts, 1) - full).abs().max() < 1e-4
+    for b in range(2):
+        assert (m(x[b: b + 1]) - full[b: b + 1]).abs().max() < 1e-4
