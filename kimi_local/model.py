@@ -45,6 +45,21 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+class Derived:
+    """A value computed from a tensor (a dtype cast, a numpy copy...), kept until the tensor changes: a new
+    storage, an in-place write (its version counter), another dtype or device, or another ``extra`` key."""
+
+    def __init__(self):
+        self._key = None
+        self._value = None
+
+    def get(self, t: torch.Tensor, make, extra=None):
+        key = (t.data_ptr(), t._version, t.dtype, t.device, extra)
+        if self._key != key:
+            self._value, self._key = make(t), key
+        return self._value
+
+
 def linear(d_in: int, d_out: int) -> nn.Linear:
     return nn.Linear(d_in, d_out, bias=False)
 
@@ -216,8 +231,7 @@ class MLA(nn.Module):
         self.kv_b_proj = linear(self.kv_lora, self.n_heads * (self.nope + self.v_dim))
         self.o_proj = linear(self.n_heads * self.v_dim, args.hidden_size)
         self.softmax_scale = args.softmax_scale
-        self._kv_b_cast: Optional[torch.Tensor] = None
-        self._absorb: Optional[tuple] = None
+        self._kv_b_cast = Derived()
         self._qkv_a: Optional[torch.Tensor] = None
 
     def fuse(self) -> None:
@@ -229,22 +243,8 @@ class MLA(nn.Module):
         """kv_b_proj's weight viewed per head [H, Dn + Dv, C], in the attention dtype (cast once, kept)."""
         w = self.kv_b_proj.weight
         if w.dtype != dtype:
-            if self._kv_b_cast is None or self._kv_b_cast.dtype != dtype or self._kv_b_cast.device != w.device:
-                self._kv_b_cast = w.to(dtype)
-            w = self._kv_b_cast
+            w = self._kv_b_cast.get(w, lambda t: t.detach().to(dtype), dtype)
         return w.view(self.n_heads, self.nope + self.v_dim, self.kv_lora)
-
-    def _absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W_uk [H, Dn, C] times the softmax scale, W_uv^T [H, C, Dv]) for the absorbed form, contiguous in
-        the attention dtype; rebuilt when the weight, its dtype or its device changes."""
-        w = self.kv_b_proj.weight
-        key = (w.data_ptr(), w._version, dtype, w.device)
-        if self._absorb is None or self._absorb[0] != key:
-            wkv_b = self._kv_b_weight(dtype)
-            w_uk = (wkv_b[:, : self.nope] * self.softmax_scale).contiguous()
-            w_uv_t = wkv_b[:, self.nope:].transpose(1, 2).contiguous()
-            self._absorb = (key, w_uk, w_uv_t)
-        return self._absorb[1], self._absorb[2]
 
     def forward(self, x: torch.Tensor, start_pos: int, rot: torch.Tensor,
                 cache: Optional[KVCache], mode: str) -> torch.Tensor:
@@ -287,11 +287,11 @@ class MLA(nn.Module):
 
         if mode == "auto":
             mode = "absorbed" if 4 * S <= T else "naive"
+        wkv_b = self._kv_b_weight(cd)                                       # [H, Dn + Dv, C]
         if mode == "naive":
             # The softmax scale is folded into the queries (S x H x D values, not S x H x T scores), and the
             # rope part's scores use the single shared k_pe directly: q.k = q_nope.k_nope + q_pe.k_pe.
             q_nope, q_pe = q_nope * self.softmax_scale, q_pe * self.softmax_scale
-            wkv_b = self._kv_b_weight(cd)                                   # [H, Dn + Dv, C]
             kvb = torch.einsum("btc,hdc->bthd", c_all, wkv_b)             # kv_b_proj, per head
             k_nope, v = kvb.split([self.nope, self.v_dim], dim=-1)
             scores = torch.einsum("bshd,bthd->bhst", q_nope, k_nope).float()
@@ -303,10 +303,10 @@ class MLA(nn.Module):
         elif mode == "absorbed":
             # Fold kv_b_proj into the query and the output: attention runs in the C-dim latent space, and
             # [q_lat, q_pe] . [c_kv, k_pe] scores latent and rope parts in one product per batch row.
-            w_uk, w_uv_t = self._absorbed_weights(cd)                     # [H, Dn, C] (scaled), [H, C, Dv]
-            q_lat = torch.bmm(q_nope.transpose(0, 2).reshape(H, S * B, self.nope), w_uk)   # [H, S*B, C]
+            q_lat = torch.bmm(q_nope.transpose(0, 2).reshape(H, S * B, self.nope),
+                              wkv_b[:, : self.nope])                                     # [H, S*B, C]
             q_lat = q_lat.view(H, S, B, self.kv_lora).permute(2, 1, 0, 3)                  # [B, S, H, C]
-            q_cat = torch.cat([q_lat, q_pe * self.softmax_scale], dim=-1).reshape(B, S * H, -1)
+            q_cat = (torch.cat([q_lat, q_pe], dim=-1) * self.softmax_scale).reshape(B, S * H, -1)
             if kvpe_all is None:
                 kvpe_all = torch.cat([c_all, pe_all], dim=-1)
             scores = torch.bmm(q_cat, kvpe_all.transpose(1, 2)).float()    # [B, S*H, T]
@@ -315,7 +315,7 @@ class MLA(nn.Module):
             p = scores.softmax(dim=-1).to(cd)
             o_lat = torch.bmm(p, c_all)                                      # [B, S*H, C]
             o_lat = o_lat.view(B * S, H, self.kv_lora).transpose(0, 1)     # [H, B*S, C]
-            o = torch.bmm(o_lat, w_uv_t).transpose(0, 1)                     # [B*S, H, Dv]
+            o = torch.bmm(o_lat, wkv_b[:, self.nope:].transpose(1, 2)).transpose(0, 1)   # [B*S, H, Dv]
         else:
             raise ValueError(f"unknown attention mode {mode!r}")
         o = o.to(x.dtype)
@@ -378,21 +378,16 @@ class Gate(nn.Module):
         super().__init__()
         self.args = args
         self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.hidden_size))
-        self._w32: Optional[tuple] = None
+        self._w32 = Derived()
         if args.topk_method == "noaux_tc":
             self.e_score_correction_bias = nn.Parameter(torch.zeros(args.n_routed_experts, dtype=torch.float32))
         else:
             self.e_score_correction_bias = None
 
     def _weight_f32(self) -> torch.Tensor:
-        """The router weight in float32 (converted once per weight version and device, then kept)."""
+        """The router weight in float32 (converted once, kept while the weight is unchanged)."""
         w = self.weight
-        if w.dtype == torch.float32:
-            return w
-        key = (w.data_ptr(), w._version, w.device)
-        if self._w32 is None or self._w32[0] != key:
-            self._w32 = (key, w.float())
-        return self._w32[1]
+        return w if w.dtype == torch.float32 else self._w32.get(w, lambda t: t.detach().float())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.args

@@ -136,3 +136,24 @@ def test_batch_of_two_matches_single_rows(tiny_dir):
     assert (torch.cat(parts, 1) - full).abs().max() < 1e-4
     for b in range(2):
         assert (m(x[b: b + 1]) - full[b: b + 1]).abs().max() < 1e-4
+
+
+def test_derived_weights_follow_in_place_changes(tiny_dir):
+    """Cached casts (kv_b in the attention dtype, the float32 router weight) are rebuilt when the weight is
+    written in place, e.g. by load_state_dict after a forward."""
+    m = load_model(tiny_dir, expert_backend="torch")            # bf16 weights, float32 attention on CPU
+    attn = m.model.layers[0].self_attn
+    gate = next(layer.mlp.gate for layer in m.model.layers if hasattr(layer.mlp, "gate"))
+    x = _ids(8, m.args.vocab_size)
+    m(x)
+    before = attn._kv_b_weight(torch.float32).clone()
+    with torch.no_grad():
+        attn.kv_b_proj.weight.mul_(0.5)
+        gate.weight.mul_(2.0)
+    after = attn._kv_b_weight(torch.float32)
+    torch.testing.assert_close(after, before * 0.5)
+    torch.testing.assert_close(gate._weight_f32(), gate.weight.float())
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    fresh = load_model(tiny_dir, expert_backend="torch")
+    fresh.load_state_dict(sd)
+    assert torch.equal(m(x), fresh(x))
