@@ -23,6 +23,10 @@ def add_model_args(p: argparse.ArgumentParser, *, ctx: bool = True) -> None:
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch and the expert kernels (default: physical cores)")
     g.add_argument("--expert-backend", choices=["numba", "torch"], default="numba",
                    help="routed experts: numba FP8 kernels (default) or the plain torch reference")
+    g.add_argument("--expert-precision", choices=["auto", "bf16", "bf16x2"], default="auto",
+                   help="activation precision of the numba expert kernels: auto (default) follows --dtype "
+                        "(bf16 for bfloat16, bf16x2 for float32); bf16x2 gives float32-like expert results in a "
+                        "bf16 model at up to twice the prefill cost")
     if ctx:
         g.add_argument("--ctx", type=int, default=None, help="context length to allocate (default: min(config, 8192))")
     from kimi_local.offload.options import add_offload_args
@@ -46,6 +50,12 @@ def apply_threads(n: Optional[int]) -> int:
     except ImportError:
         pass
     return n
+
+
+def apply_expert_precision(mode: str) -> None:
+    """--expert-precision: 'auto' lets each call follow the activation dtype; bf16 / bf16x2 force one."""
+    from kimi_local.cpu_kernels import fp8_moe
+    fp8_moe.set_precision(None if mode == "auto" else mode)
 
 
 def resolve_model_dir(path: Optional[str]) -> str:
@@ -73,6 +83,7 @@ def load_from_args(args, progress: Optional[Callable[[int, int], None]] = None):
     from kimi_local.tokenizer import KimiTokenizer
 
     apply_threads(args.threads)
+    apply_expert_precision(getattr(args, "expert_precision", "auto"))
     model_dir = resolve_model_dir(args.model)
     tok = KimiTokenizer.from_model_dir(model_dir)
     model = load_model(model_dir, device=args.device, dtype=dtype_of(args),

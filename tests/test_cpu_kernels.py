@@ -425,3 +425,26 @@ def test_vectorisable_exp_matches_numpy():
     ends = run(np.float32([1000.0, -1000.0, np.inf, -np.inf, np.nan]))
     assert np.isfinite(ends[:4]).all() and ends[0] > 1e38 and 0 <= ends[1] < 1e-37
     assert np.isnan(ends[4])
+
+
+def test_expert_precision_flag(tiny_dir):
+    """--expert-precision forces the kernels' activation precision for a run; auto follows the dtype."""
+    import argparse
+    from kimi_local.cli_common import add_model_args, apply_expert_precision, load_from_args
+
+    p = argparse.ArgumentParser()
+    add_model_args(p)
+    try:
+        args = p.parse_args(["--model", tiny_dir, "--expert-precision", "bf16x2"])
+        _, model, _ = load_from_args(args)
+        assert m.get_precision(m.precision_for(torch.bfloat16)) == "bf16x2"
+        forced = model(torch.tensor([[5, 6, 7]]))
+        apply_expert_precision("auto")
+        assert m.get_precision(m.precision_for(torch.bfloat16)) == "bf16"
+        auto = model(torch.tensor([[5, 6, 7]]))
+        assert not torch.equal(forced, auto)          # the flag really changed the expert arithmetic
+        assert p.parse_args(["--model", tiny_dir]).expert_precision == "auto"
+        with pytest.raises(SystemExit):
+            p.parse_args(["--expert-precision", "fp8"])
+    finally:
+        apply_expert_precision("auto")
