@@ -448,3 +448,23 @@ def test_expert_precision_flag(tiny_dir):
             p.parse_args(["--expert-precision", "fp8"])
     finally:
         apply_expert_precision("auto")
+
+
+def test_sixteen_way_horizontal_sum():
+    """simd.hsum16_f32x16: lane k of the result is the sum of input vector k (the GEMM tiles' epilogue)."""
+    from numba import njit
+    from kimi_local.cpu_kernels.simd import hsum16_f32x16, load_f32x16, store_f32x16
+
+    @njit
+    def run(a, out):
+        store_f32x16(out, 0, hsum16_f32x16(
+            load_f32x16(a, 0), load_f32x16(a, 16), load_f32x16(a, 32), load_f32x16(a, 48),
+            load_f32x16(a, 64), load_f32x16(a, 80), load_f32x16(a, 96), load_f32x16(a, 112),
+            load_f32x16(a, 128), load_f32x16(a, 144), load_f32x16(a, 160), load_f32x16(a, 176),
+            load_f32x16(a, 192), load_f32x16(a, 208), load_f32x16(a, 224), load_f32x16(a, 240)))
+
+    a = np.random.default_rng(4).standard_normal(256).astype(np.float32)
+    a[17] = 1e30                                   # a large term stays in its own lane
+    out = np.zeros(16, np.float32)
+    run(a, out)
+    np.testing.assert_allclose(out, a.reshape(16, 16).astype(np.float64).sum(1), rtol=1e-6, atol=1e-5)

@@ -60,9 +60,9 @@ from numba import njit, prange
 
 from . import simd
 from .simd import (add_f32x16, add_u8x64, and_u8x64, bf16_to_f32, bitcast_u32_f32, cvt_f32_bf16, dpbf16,
-                   hsum_f32x16, load_f32x16, load_u8x64, load_u16x32, mul_f32x16, or_u8x64, perm2_u8x64,
-                   prefetch_l2, splat_f32x16, splat_u8x64, store_u8x64, store_u16x16, sub_f32x16,
-                   unpackhi_u8_to_u16, unpacklo_u8_to_u16, zero_f32x16)
+                   hsum_f32x16, hsum16_f32x16, load_f32x16, load_u8x64, load_u16x32, mul_f32x16, or_u8x64,
+                   perm2_u8x64, prefetch_l2, splat_f32x16, splat_u8x64, store_f32x16, store_u8x64, store_u16x16,
+                   sub_f32x16, unpackhi_u8_to_u16, unpacklo_u8_to_u16, zero_f32x16)
 
 __all__ = ["PackedExperts", "moe_forward", "moe_forward_ref", "set_num_threads", "get_num_threads", "warmup",
            "set_precision", "get_precision", "precision_for", "fast_path_available", "e4m3_decode_table",
@@ -551,8 +551,8 @@ def _store_u16x32(typingctx, arr, idx, v):
 
 @njit(**_NB_OPTS)
 def _gemm4x4(wbuf, K, xs, x0, x1, x2, x3, KX, nsplit, res):
-    """res[r, j] = dot(row r of wbuf [4, K], token j) for 4 rows x 4 tokens; xs offsets x0..x3 of the tokens'
-    K activations (hi at off, lo at off + KX)."""
+    """res[r * 4 + j] = dot(row r of wbuf [4, K], token j) for 4 rows x 4 tokens; xs offsets x0..x3 of the
+    tokens' K activations (hi at off, lo at off + KX).  The 16 sums leave as one vector (hsum16_f32x16)."""
     c00 = zero_f32x16(); c01 = zero_f32x16(); c02 = zero_f32x16(); c03 = zero_f32x16()  # noqa: E702
     c10 = zero_f32x16(); c11 = zero_f32x16(); c12 = zero_f32x16(); c13 = zero_f32x16()  # noqa: E702
     c20 = zero_f32x16(); c21 = zero_f32x16(); c22 = zero_f32x16(); c23 = zero_f32x16()  # noqa: E702
@@ -572,15 +572,12 @@ def _gemm4x4(wbuf, K, xs, x0, x1, x2, x3, KX, nsplit, res):
             c02 = dpbf16(c02, w0, v); c12 = dpbf16(c12, w1, v); c22 = dpbf16(c22, w2, v); c32 = dpbf16(c32, w3, v)  # noqa: E702,E501
             v = load_u16x32(xs, x3 + so + k)
             c03 = dpbf16(c03, w0, v); c13 = dpbf16(c13, w1, v); c23 = dpbf16(c23, w2, v); c33 = dpbf16(c33, w3, v)  # noqa: E702,E501
-    res[0, 0] = hsum_f32x16(c00); res[0, 1] = hsum_f32x16(c01); res[0, 2] = hsum_f32x16(c02); res[0, 3] = hsum_f32x16(c03)  # noqa: E702,E501
-    res[1, 0] = hsum_f32x16(c10); res[1, 1] = hsum_f32x16(c11); res[1, 2] = hsum_f32x16(c12); res[1, 3] = hsum_f32x16(c13)  # noqa: E702,E501
-    res[2, 0] = hsum_f32x16(c20); res[2, 1] = hsum_f32x16(c21); res[2, 2] = hsum_f32x16(c22); res[2, 3] = hsum_f32x16(c23)  # noqa: E702,E501
-    res[3, 0] = hsum_f32x16(c30); res[3, 1] = hsum_f32x16(c31); res[3, 2] = hsum_f32x16(c32); res[3, 3] = hsum_f32x16(c33)  # noqa: E702,E501
+    store_f32x16(res, 0, hsum16_f32x16(c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33))  # noqa: E501
 
 
 @njit(**_NB_OPTS)
 def _gemm4x3(wbuf, K, xs, x0, x1, x2, KX, nsplit, res):
-    """res[r, j] for 4 rows x 3 tokens (see _gemm4x4)."""
+    """res[r * 4 + j] for 4 rows x 3 tokens (see _gemm4x4)."""
     c00 = zero_f32x16(); c01 = zero_f32x16(); c02 = zero_f32x16()  # noqa: E702
     c10 = zero_f32x16(); c11 = zero_f32x16(); c12 = zero_f32x16()  # noqa: E702
     c20 = zero_f32x16(); c21 = zero_f32x16(); c22 = zero_f32x16()  # noqa: E702
@@ -598,15 +595,13 @@ def _gemm4x3(wbuf, K, xs, x0, x1, x2, KX, nsplit, res):
             c01 = dpbf16(c01, w0, v); c11 = dpbf16(c11, w1, v); c21 = dpbf16(c21, w2, v); c31 = dpbf16(c31, w3, v)  # noqa: E702,E501
             v = load_u16x32(xs, x2 + so + k)
             c02 = dpbf16(c02, w0, v); c12 = dpbf16(c12, w1, v); c22 = dpbf16(c22, w2, v); c32 = dpbf16(c32, w3, v)  # noqa: E702,E501
-    res[0, 0] = hsum_f32x16(c00); res[0, 1] = hsum_f32x16(c01); res[0, 2] = hsum_f32x16(c02)  # noqa: E702,E501
-    res[1, 0] = hsum_f32x16(c10); res[1, 1] = hsum_f32x16(c11); res[1, 2] = hsum_f32x16(c12)  # noqa: E702,E501
-    res[2, 0] = hsum_f32x16(c20); res[2, 1] = hsum_f32x16(c21); res[2, 2] = hsum_f32x16(c22)  # noqa: E702,E501
-    res[3, 0] = hsum_f32x16(c30); res[3, 1] = hsum_f32x16(c31); res[3, 2] = hsum_f32x16(c32)  # noqa: E702,E501
+    z = zero_f32x16()
+    store_f32x16(res, 0, hsum16_f32x16(c00, c01, c02, z, c10, c11, c12, z, c20, c21, c22, z, c30, c31, c32, z))  # noqa: E501
 
 
 @njit(**_NB_OPTS)
 def _gemm4x2(wbuf, K, xs, x0, x1, KX, nsplit, res):
-    """res[r, j] for 4 rows x 2 tokens (see _gemm4x4)."""
+    """res[r * 4 + j] for 4 rows x 2 tokens (see _gemm4x4)."""
     c00 = zero_f32x16(); c01 = zero_f32x16()  # noqa: E702
     c10 = zero_f32x16(); c11 = zero_f32x16()  # noqa: E702
     c20 = zero_f32x16(); c21 = zero_f32x16()  # noqa: E702
@@ -622,17 +617,15 @@ def _gemm4x2(wbuf, K, xs, x0, x1, KX, nsplit, res):
             c00 = dpbf16(c00, w0, v); c10 = dpbf16(c10, w1, v); c20 = dpbf16(c20, w2, v); c30 = dpbf16(c30, w3, v)  # noqa: E702,E501
             v = load_u16x32(xs, x1 + so + k)
             c01 = dpbf16(c01, w0, v); c11 = dpbf16(c11, w1, v); c21 = dpbf16(c21, w2, v); c31 = dpbf16(c31, w3, v)  # noqa: E702,E501
-    res[0, 0] = hsum_f32x16(c00); res[0, 1] = hsum_f32x16(c01)  # noqa: E702,E501
-    res[1, 0] = hsum_f32x16(c10); res[1, 1] = hsum_f32x16(c11)  # noqa: E702,E501
-    res[2, 0] = hsum_f32x16(c20); res[2, 1] = hsum_f32x16(c21)  # noqa: E702,E501
-    res[3, 0] = hsum_f32x16(c30); res[3, 1] = hsum_f32x16(c31)  # noqa: E702,E501
+    z = zero_f32x16()
+    store_f32x16(res, 0, hsum16_f32x16(c00, c01, z, z, c10, c11, z, z, c20, c21, z, z, c30, c31, z, z))  # noqa: E501
 
 
 @njit(**_NB_OPTS)
 def _gemm_tiles(wbuf, K, xs, xbase, stride, KX, ne, nsplit, res, j0):
     """Next token tile of the GEMM over a decoded tile wbuf [4, K]: tokens j0 .. j0 + nj of the expert (their
     activations at xs[xbase + j * stride], lo split at + KX).  Tiles are 4 or 3 tokens wide (2 or 1 only for
-    ne = 5 / ne <= 2), so no token is computed twice.  Writes res[r, 0:nj] and returns nj."""
+    ne = 5 / ne <= 2), so no token is computed twice.  Writes res[r * 4 + j] for j < nj and returns nj."""
     rem = ne - j0
     o = xbase + j0 * stride
     if rem <= 2:
@@ -724,7 +717,7 @@ def _moe_fast(w1, w3, w2, s1, s3, s2, D, I, x, uniq, start, ptok, pw, nsplit, tb
         gemm = ne >= GEMM_MIN_TOKENS
         if gemm:
             wbuf = np.empty(4 * KBC * 64, np.uint16)
-            res = np.empty((4, 4), np.float32)
+            res = np.empty(16, np.float32)
         for gi in range(ng):
             base = (r0 + gi * 4) * Dp
             for m in range(2):
@@ -750,7 +743,7 @@ def _moe_fast(w1, w3, w2, s1, s3, s2, D, I, x, uniq, start, ptok, pw, nsplit, tb
                             nj = _gemm_tiles(wbuf, nc * 64, xs, xbase + c0 * 64, nsplit * Dp, Dp, ne, nsplit, res, i)
                             for r in range(4):
                                 for j in range(nj):
-                                    dst[i + j, gi * 4 + r] += res[r, j]
+                                    dst[i + j, gi * 4 + r] += res[r * 4 + j]
                             i += nj
         hrow = np.empty(nr, np.float32)
         for i in range(ne):
@@ -768,7 +761,7 @@ def _moe_fast(w1, w3, w2, s1, s3, s2, D, I, x, uniq, start, ptok, pw, nsplit, tb
         ng = (nr + 3) // 4
         acc = np.zeros((T, ng * 4), np.float32)
         wbuf = np.empty(4 * KBC * 64, np.uint16)
-        res = np.empty((4, 4), np.float32)
+        res = np.empty(16, np.float32)
         for u in range(nu):
             e = uniq[u]
             p0 = start[u]
@@ -799,7 +792,7 @@ def _moe_fast(w1, w3, w2, s1, s3, s2, D, I, x, uniq, start, ptok, pw, nsplit, tb
                                 t = ptok[p0 + i + j]
                                 wt = pw[p0 + i + j]
                                 for r in range(4):
-                                    acc[t, gi * 4 + r] += wt * res[r, j]
+                                    acc[t, gi * 4 + r] += wt * res[r * 4 + j]
                             i += nj
         for t in range(T):
             for r in range(nr):
