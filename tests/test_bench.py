@@ -63,6 +63,13 @@ def test_kernels_quick(tmp_path):
     assert math.isclose(k["decode_bw_fraction"], k["decode"]["gbps"] / k["mem_read_gbps"], rel_tol=1e-9)
     for key in ("decode", "mem_read_gbps", "decode_bw_fraction", "prefill", "torch_reference", "compile_seconds"):
         assert key in k
+    # default: the bf16 model's precision, the prefill also timed in the other one
+    if k["backend"] == "numba-avx512bf16":
+        assert (k["decode"]["precision"], k["prefill_other_precision"]["precision"]) == ("bf16", "bf16x2")
+        forced, out = run_bench(tmp_path, "kernels", "--expert-precision", "bf16x2")
+        f = forced["kernels"]
+        assert f["decode"]["precision"] == f["prefill"]["precision"] == "bf16x2"
+        assert "float32 models" not in out        # no second, identical prefill line
 
 
 def test_k2_layer_quick_with_what_if(tmp_path):

@@ -87,10 +87,11 @@ def run(args) -> int:
     from kimi_local.bench.common import machine_info
     from kimi_local.bench.report import summary
     from kimi_local.bench.schema import validate
-    from kimi_local.cli_common import apply_threads
+    from kimi_local.cli_common import apply_expert_precision, apply_threads
 
     modes = ("e2e", "kernels", "k2-layer", "load", "offload") if args.mode == "all" else (args.mode,)
     threads = apply_threads(args.threads)
+    apply_expert_precision(args.expert_precision)   # every mode's kernels, not only those loading a model
     mem = _MemRead(args.quick)
     doc: dict = {
         "schema_version": 1,

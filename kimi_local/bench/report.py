@@ -56,7 +56,7 @@ def summary(doc: dict) -> str:
                      f"effective {k['prefill']['effective_gbps']:.1f} GB/s ({_f(k.get('prefill_over_decode'))}x decode)"
                      f"  [goal 3x; {k['decode'].get('precision', '?')} activations]")
         po = k.get("prefill_other_precision")
-        if po:
+        if po and po.get("precision") != k["prefill"].get("precision"):   # the same when a precision is forced
             lines.append(f"  prefill       in {po['precision']} activations (float32 models): effective "
                          f"{po['effective_gbps']:.1f} GB/s ({_f(po.get('over_decode'))}x decode)")
         lines.append(f"  torch ref     x{k['torch_reference']['speedup_numba_over_torch']:.1f} slower; compile "
