@@ -291,15 +291,18 @@ class MLA(nn.Module):
         if mode == "naive":
             # The softmax scale is folded into the queries (S x H x D values, not S x H x T scores), and the
             # rope part's scores use the single shared k_pe directly: q.k = q_nope.k_nope + q_pe.k_pe.
-            q_nope, q_pe = q_nope * self.softmax_scale, q_pe * self.softmax_scale
+            # Keys are [k_nope, k_pe] with the one shared k_pe repeated per head, so one batched product scores
+            # both parts, and the causal mask rides in as the product's initial value (baddbmm).
+            Dq = self.nope + self.rope
             kvb = torch.einsum("btc,hdc->bthd", c_all, wkv_b)             # kv_b_proj, per head
             k_nope, v = kvb.split([self.nope, self.v_dim], dim=-1)
-            scores = torch.einsum("bshd,bthd->bhst", q_nope, k_nope).float()
-            scores += torch.einsum("bshr,btr->bhst", q_pe, pe_all).float()
-            if mask is not None:
-                scores += mask                                             # [S, T] broadcast over (b, h)
-            p = scores.softmax(dim=-1).to(cd)
-            o = torch.einsum("bhst,bthd->bshd", p, v)
+            k = torch.cat([k_nope, pe_all.unsqueeze(2).expand(B, T, H, self.rope)], dim=-1)    # [B, T, H, Dq]
+            q = (torch.cat([q_nope, q_pe], dim=-1) * self.softmax_scale).transpose(1, 2).reshape(B * H, S, Dq)
+            k = k.permute(0, 2, 3, 1).reshape(B * H, Dq, T)
+            scores = torch.bmm(q, k) if mask is None else torch.baddbmm(mask.to(q.dtype), q, k)
+            p = scores.float().softmax(dim=-1).to(cd)                       # [B*H, S, T]
+            o = torch.bmm(p, v.permute(0, 2, 1, 3).reshape(B * H, T, self.v_dim))
+            o = o.view(B, H, S, self.v_dim).transpose(1, 2)                 # [B, S, H, Dv]
         elif mode == "absorbed":
             # Fold kv_b_proj into the query and the output: attention runs in the C-dim latent space, and
             # [q_lat, q_pe] . [c_kv, k_pe] scores latent and rope parts in one product per batch row.
