@@ -62,6 +62,8 @@ def test_fast_path_declines_what_it_does_not_cover():
     assert fast.fast(torch.randn(2, 64, dtype=torch.float16)) is None
     x = torch.randn(2, 64, requires_grad=True)
     assert fast.fast(x) is None
+    xb = torch.randn(2, 64).to(torch.bfloat16)         # float32 weight, bf16 input: torch promotes to float32
+    assert fast.fast(xb) is None and fast(xb).dtype == ref(xb).dtype == torch.float32
     torch.testing.assert_close(fast(big), ref(big))
 
 

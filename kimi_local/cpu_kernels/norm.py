@@ -83,7 +83,7 @@ def rms_norm(x: torch.Tensor, weight_f32: np.ndarray, eps: float) -> torch.Tenso
 
 class _Fast:
     """The per-module fast path: float32 weight kept (refreshed if the parameter changes), torch fallback for
-    what the kernel does not cover (other dtypes or devices, big batches, autograd)."""
+    what the kernel does not cover (other dtypes or devices, mixed dtypes, big batches, autograd)."""
 
     def __init__(self, module):
         from kimi_local.model import Derived
@@ -92,8 +92,8 @@ class _Fast:
 
     def __call__(self, x: torch.Tensor):
         if (x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32) or x.requires_grad
-                or x.numel() > MAX_ROWS * x.shape[-1]):
-            return None
+                or x.dtype != self.module.weight.dtype or x.numel() > MAX_ROWS * x.shape[-1]):
+            return None          # (a weight of another dtype would promote the torch result's dtype)
         w32 = self.w32.get(self.module.weight, lambda t: t.detach().float().contiguous().numpy())
         return rms_norm(x, w32, self.module.eps)
 
