@@ -8,6 +8,8 @@ import torch
 
 from kimi_local.cpu_kernels import fp8_moe as m
 
+from helpers import greedy
+
 FAST = m.fast_path_available()
 # (backend env value, precision, relative tolerance vs max |ref|)
 BACKENDS = [("portable", None, 2e-6)]
@@ -354,20 +356,6 @@ def test_expert_backend_picks_precision_from_dtype(tiny_dir, monkeypatch):
         assert seen and set(seen) == {want}, (dtype, seen)
 
 
-def _greedy(model, ids, n=16):
-    """(greedy tokens, logits rows [n+1, V] float32) from a prefill of ids and n decode steps."""
-    cache = model.new_cache(128)
-    logits = model(torch.tensor([ids]), 0, cache)
-    out, rows, pos = [], [logits[0, -1].float()], len(ids)
-    for _ in range(n):
-        t = int(logits[0, -1].argmax())
-        out.append(t)
-        logits = model(torch.tensor([[t]]), pos, cache)
-        rows.append(logits[0, -1].float())
-        pos += 1
-    return out, torch.stack(rows)
-
-
 PROMPTS = (list(range(5, 40)), [7] * 20)
 
 
@@ -378,7 +366,7 @@ def test_numba_and_torch_backends_generate_the_same_tokens(tiny_dir):
     a_model = load_model(tiny_dir, dtype=torch.float32, expert_backend="numba")
     b_model = load_model(tiny_dir, dtype=torch.float32, expert_backend="torch")
     for ids in PROMPTS:
-        (ta, la), (tb, lb) = _greedy(a_model, ids), _greedy(b_model, ids)
+        (ta, la), (tb, lb) = greedy(a_model, ids, 16), greedy(b_model, ids, 16)
         assert ta == tb
         assert float((la - lb).abs().max()) <= 1e-4 * float(lb.abs().max())
 
@@ -392,7 +380,7 @@ def test_numba_bf16_is_as_accurate_as_torch_bf16(tiny_dir):
     nb = load_model(tiny_dir, dtype=torch.bfloat16, expert_backend="numba")
     tb = load_model(tiny_dir, dtype=torch.bfloat16, expert_backend="torch")
     for ids in PROMPTS:
-        toks, _ = _greedy(ref, ids)
+        toks, _ = greedy(ref, ids, 16)
         seq = torch.tensor([ids + toks])
         want = ref(seq)[0].float()
         got_nb, got_tb = nb(seq)[0].float(), tb(seq)[0].float()

@@ -40,22 +40,13 @@ def test_gpu_expert_cache_is_token_identical(tiny_dir):
     from kimi_local.config import ModelArgs
     from kimi_local.offload.runtime import OffloadedExperts, OffloadOptions
 
-    def greedy(m, n=12):
-        cache = m.new_cache(96)
-        logits = m(torch.arange(5, 40, device="cuda")[None], 0, cache)
-        out, pos = [], 35
-        for _ in range(n):
-            t = int(logits[0, -1].argmax())
-            out.append(t)
-            logits = m(torch.tensor([[t]], device="cuda"), pos, cache)
-            pos += 1
-        return out
-
-    ref = greedy(load_model(tiny_dir, device="cuda", dtype=torch.float32, expert_backend="numba"))
+    from helpers import greedy
+    prompt = list(range(5, 40))
+    ref = greedy(load_model(tiny_dir, device="cuda", dtype=torch.float32, expert_backend="numba"), prompt)[0]
     ex = OffloadedExperts(ModelArgs.from_model_dir(tiny_dir),
                           OffloadOptions(fast_slots=16, fast_tier="cuda", device="cuda"))
     m = load_model(tiny_dir, device="cuda", dtype=torch.float32, expert_backend=ex)
-    assert greedy(m) == ref
+    assert greedy(m, prompt)[0] == ref
     st = ex.stats()
     assert st["tiers"]["fast"] == "cuda" and st["total"]["fast_loads"] > 0
     ex.close()

@@ -13,20 +13,9 @@ from kimi_local.errors import UserError
 from kimi_local.offload.runtime import OffloadedExperts, OffloadOptions, expert_nbytes
 from kimi_local.offload.traces import read_trace
 
+from helpers import greedy
+
 PROMPT = list(range(5, 40))
-
-
-def greedy(model, ids, n=12):
-    cache = model.new_cache(96)
-    logits = model(torch.tensor([ids]), 0, cache)
-    out, rows, pos = [], [logits[0, -1]], len(ids)
-    for _ in range(n):
-        t = int(logits[0, -1].argmax())
-        out.append(t)
-        logits = model(torch.tensor([[t]]), pos, cache)
-        rows.append(logits[0, -1])
-        pos += 1
-    return out, torch.stack(rows)
 
 
 @pytest.fixture(scope="module")
