@@ -47,6 +47,14 @@ def _make(rng, n, D, I, scale=2.0 ** -8):
     return p
 
 
+def _inputs(rng, n, D, T, k, slot_dtype=np.int32):
+    """A call's inputs: activations [T, D], k distinct experts of n per token, router weights."""
+    x = rng.standard_normal((T, D)).astype(np.float32)
+    slots = np.stack([rng.permutation(n)[:k] for _ in range(T)]).astype(slot_dtype)
+    w = rng.random((T, k)).astype(np.float32)
+    return x, slots, w
+
+
 def _check(p, x, slots, w, tol):
     ref = m.moe_forward_ref(p, x, slots, w)
     got = m.moe_forward(p, x, slots, w)
@@ -163,11 +171,9 @@ def test_allocate_uses_alloc():
 def test_moe_vs_reference(backend, D, I, n, T, k):
     rng = np.random.default_rng(D * 1000 + T)
     p = _make(rng, n, D, I)
-    x = rng.standard_normal((T, D)).astype(np.float32)
-    slots = np.stack([rng.permutation(n)[:k] for _ in range(T)]).astype(np.int64 if T % 2 else np.int32)
+    x, slots, w = _inputs(rng, n, D, T, k, np.int64 if T % 2 else np.int32)
     if T > 1:
         slots[0, 0] = -1                    # skipped entry
-    w = rng.random((T, k)).astype(np.float32)
     _check(p, x, slots, w, backend)
 
 
@@ -233,9 +239,7 @@ def test_zero_and_extreme_scales(backend):
         s3[0, 0] = 1.0
         s2[0, 0] = 2.0 ** -60
         p.set_slot(s, _rand_q(rng, (I, D)), s1, _rand_q(rng, (I, D)), s3, _rand_q(rng, (D, I)), s2)
-    x = rng.standard_normal((T, D)).astype(np.float32)
-    slots = np.stack([rng.permutation(n)[:k] for _ in range(T)]).astype(np.int32)
-    w = rng.random((T, k)).astype(np.float32)
+    x, slots, w = _inputs(rng, n, D, T, k)
     _check(p, x, slots, w, backend)
     # all-zero scales give exact zeros
     z = m.PackedExperts.allocate(1, D, I)
@@ -248,9 +252,7 @@ def test_thread_count_independent(backend):
     rng = np.random.default_rng(5)
     D, I, n, T, k = 256, 384, 6, 24, 4
     p = _make(rng, n, D, I)
-    x = rng.standard_normal((T, D)).astype(np.float32)
-    slots = np.stack([rng.permutation(n)[:k] for _ in range(T)]).astype(np.int32)
-    w = rng.random((T, k)).astype(np.float32)
+    x, slots, w = _inputs(rng, n, D, T, k)
     saved = m.get_num_threads()
     try:
         m.set_num_threads(1)
@@ -320,9 +322,7 @@ def test_precision_argument_is_honoured():
     rng = np.random.default_rng(21)
     D, I, n, T, k = 256, 192, 4, 12, 3
     p = _make(rng, n, D, I)
-    x = rng.standard_normal((T, D)).astype(np.float32)
-    slots = np.stack([rng.permutation(n)[:k] for _ in range(T)]).astype(np.int32)
-    w = rng.random((T, k)).astype(np.float32)
+    x, slots, w = _inputs(rng, n, D, T, k)
     ref = m.moe_forward_ref(p, x, slots, w)
     scale = float(np.abs(ref).max())
     hi = m.moe_forward(p, x, slots, w, precision="bf16x2")
