@@ -656,11 +656,6 @@ def _prep_xs(src, src_off, nch, srow, nsplit, xs, xs_off):
                 store_u16x16(xs, xs_off + K + i, cvt_f32_bf16(sub_f32x16(v, bf16_to_f32(h))))
 
 
-@njit(**_NB_OPTS)
-def _silu(g):
-    return g / (np.float32(1.0) + np.exp(-g))
-
-
 @njit(inline="always", **_NB_OPTS)
 def _exp_f32(x):
     """exp for float32 in plain arithmetic (Cephes expf: range reduction by ln 2, degree-6 polynomial, 2^n by
@@ -675,6 +670,11 @@ def _exp_f32(x):
            + np.float32(4.1665795894e-2)) * r + np.float32(1.6666665459e-1)) * r + np.float32(5.0000001201e-1))
     p = p * z + r + np.float32(1.0)
     return p * bitcast_u32_f32(np.uint32(np.int32(n) + np.int32(127)) << np.uint32(23))
+
+
+@njit(inline="always", **_NB_OPTS)
+def _silu(g):
+    return g / (np.float32(1.0) + _exp_f32(-g))
 
 
 @njit(**_NBP_OPTS)
@@ -748,8 +748,7 @@ def _moe_fast(w1, w3, w2, s1, s3, s2, D, I, x, uniq, start, ptok, pw, nsplit, tb
         hrow = np.empty(nr, np.float32)
         for i in range(ne):
             for r in range(nr):                    # vectorised: silu(g) * u
-                gr = g[i, r]
-                hrow[r] = gr / (np.float32(1.0) + _exp_f32(-gr)) * uu[i, r]
+                hrow[r] = _silu(g[i, r]) * uu[i, r]
             hb = (p0 + i) * Ip
             for r in range(nr):
                 row = r0 + r
