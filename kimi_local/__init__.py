@@ -12,3 +12,6 @@ __version__ = "0.1.0"
 # idle).  Must be set before either OpenMP runtime starts (before torch is imported); user settings win.
 if "OMP_WAIT_POLICY" not in _os.environ:
     _os.environ.setdefault("GOMP_SPINCOUNT", "30000")
+
+# Keep freed forward-pass temporaries in the heap instead of faulting them in again every pass (see _malloc).
+from kimi_local import _malloc  # noqa: E402,F401
