@@ -398,8 +398,9 @@ def load_model(model_dir: str, *, device="cpu", dtype: torch.dtype = torch.bfloa
         attach(model)
     model.fuse_projections()
     if torch.device(device).type == "cpu":
-        from kimi_local.cpu_kernels.norm import install
-        install(model)
+        from kimi_local.cpu_kernels import norm, router
+        norm.install(model)
+        router.install(model)
     model.load_seconds = time.perf_counter() - t0
     model.load_bytes = total
     model.eval()

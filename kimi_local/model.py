@@ -182,6 +182,22 @@ def attention_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float32 if x.device.type == "cpu" else x.dtype
 
 
+_last_mask: dict = {}
+
+
+def causal_mask(start_pos: int, S: int, device) -> torch.Tensor:
+    """[S, start_pos + S] float32 additive mask: query i sits at absolute position start_pos + i and sees keys
+    0..start_pos + i (0), not the later ones (-inf).  Every layer of a forward asks for the same mask, so the
+    last one built is kept (one entry)."""
+    key = (start_pos, S, str(device), torch.is_inference_mode_enabled())
+    m = _last_mask.get(key)
+    if m is None:
+        m = torch.full((S, start_pos + S), float("-inf"), device=device).triu_(start_pos + 1)
+        _last_mask.clear()
+        _last_mask[key] = m
+    return m
+
+
 class KVCache:
     """Preallocated MLA latent cache: per layer, per position, the normalised latent c_kv [C] and the
     roped shared key k_pe [Dr] — 576 values per token per layer for K2, independent of head count.
@@ -278,12 +294,7 @@ class MLA(nn.Module):
             kvpe_all = None
         q_nope = q_nope.to(cd)
         T = end
-        mask = None
-        if S > 1:
-            # Query i sits at absolute position start_pos + i and sees keys 0..start_pos + i.
-            qpos = torch.arange(start_pos, end, device=x.device)[:, None]
-            kpos = torch.arange(T, device=x.device)[None, :]
-            mask = torch.where(kpos > qpos, float("-inf"), 0.0)          # [S, T]
+        mask = causal_mask(start_pos, S, x.device) if S > 1 else None   # [S, T]
 
         if mode == "auto":
             mode = "absorbed" if 4 * S <= T else "naive"
@@ -386,6 +397,9 @@ class Gate(nn.Module):
             self.e_score_correction_bias = nn.Parameter(torch.zeros(args.n_routed_experts, dtype=torch.float32))
         else:
             self.e_score_correction_bias = None
+        # Optional fast path for the selection, ``fast(scores) -> (idx, w) | None``: the loader installs the CPU
+        # kernel (kimi_local.cpu_kernels.router) on CPU models; the torch code below is its reference.
+        self.fast = None
 
     def _weight_f32(self) -> torch.Tensor:
         """The router weight in float32 (converted once, kept while the weight is unchanged)."""
@@ -396,6 +410,10 @@ class Gate(nn.Module):
         a = self.args
         logits = F.linear(x.float(), self._weight_f32())               # [N, E]; fp32: near-ties flip top-k
         scores = logits.sigmoid() if a.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        if self.fast is not None:
+            picked = self.fast(scores)
+            if picked is not None:
+                return picked
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias.float()
         if a.n_group > 1 and a.topk_method in ("noaux_tc", "group_limited_greedy"):
             g = choice.view(-1, a.n_group, a.n_routed_experts // a.n_group)

@@ -1,5 +1,5 @@
 """CPU kernels: Numba block-FP8 routed-expert compute (fp8_moe), RMSNorm for small batches (norm), the
-benchmark (bench) and the DRAM read-bandwidth ceiling (membw)."""
+router's top-k selection (router), the benchmark (bench) and the DRAM read-bandwidth ceiling (membw)."""
 
 import glob as _glob
 import hashlib as _hashlib
@@ -37,6 +37,18 @@ def _drop_stale_numba_caches() -> None:
 
 
 _drop_stale_numba_caches()
+
+
+def install_fast(model, module_type, make) -> int:
+    """Set ``m.fast = make(m)`` on every ``module_type`` module of ``model`` (the modules' optional fast paths,
+    whose own torch code stays their reference); returns how many got one."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, module_type):
+            m.fast = make(m)
+            n += 1
+    return n
+
 
 from .fp8_moe import (PackedExperts, fast_path_available, get_num_threads, get_precision,  # noqa: E402
                       moe_forward, moe_forward_ref, precision_for, set_num_threads, set_precision, warmup)

@@ -100,10 +100,6 @@ class _Fast:
 
 def install(model: torch.nn.Module) -> int:
     """Give every RMSNorm of ``model`` the Numba fast path; returns how many got it."""
+    from kimi_local.cpu_kernels import install_fast
     from kimi_local.model import RMSNorm
-    n = 0
-    for m in model.modules():
-        if isinstance(m, RMSNorm):
-            m.fast = _Fast(m)
-            n += 1
-    return n
+    return install_fast(model, RMSNorm, _Fast)

@@ -1,0 +1,116 @@
+"""The Numba router selection (kimi_local.cpu_kernels.router) against the Gate's own torch code."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from kimi_local.config import ModelArgs
+from kimi_local.cpu_kernels.router import PARALLEL_MIN_ROWS, install
+from kimi_local.model import Gate
+
+CASES = {   # (n_routed_experts, k, n_group, topk_group, topk_method, scoring_func, norm_topk_prob)
+    "k2": (384, 8, 1, 1, "noaux_tc", "sigmoid", True),
+    "deepseek-v3": (256, 8, 8, 4, "noaux_tc", "sigmoid", True),
+    "greedy-softmax": (64, 6, 1, 1, "greedy", "softmax", False),
+    "group-limited-greedy": (160, 6, 8, 3, "group_limited_greedy", "softmax", False),
+    "top1": (16, 1, 1, 1, "noaux_tc", "sigmoid", True),
+}
+
+
+def _gates(case, seed=0, hidden=64):
+    E, k, ng, tg, method, scoring, norm = CASES[case]
+    args = dataclasses.replace(ModelArgs(), hidden_size=hidden, n_routed_experts=E, num_experts_per_tok=k,
+                               n_group=ng, topk_group=tg, topk_method=method, scoring_func=scoring,
+                               norm_topk_prob=norm, routed_scaling_factor=2.5)
+    g = torch.Generator().manual_seed(seed)
+    ref = Gate(args)
+    with torch.no_grad():
+        ref.weight.copy_(torch.randn(E, hidden, generator=g) * 0.2)
+        if ref.e_score_correction_bias is not None:
+            ref.e_score_correction_bias.copy_(torch.randn(E, generator=g) * 0.05)
+    fast = Gate(args)
+    fast.load_state_dict(ref.state_dict())
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.g = fast
+    assert install(Holder()) == 1 and fast.fast is not None
+    return ref, fast
+
+
+def _same_selection(ref, fast, x):
+    with torch.inference_mode():
+        ri, rw = ref(x)
+        fi, fw = fast(x)
+    assert fi.dtype == ri.dtype == torch.int64 and fw.dtype == rw.dtype == torch.float32
+    assert fi.shape == ri.shape and fw.shape == rw.shape
+    # the same experts with the same weights (the order within a row may differ on exact ties only)
+    ro, fo = ri.sort(dim=-1), fi.sort(dim=-1)
+    assert torch.equal(ro.values, fo.values)
+    torch.testing.assert_close(fw.gather(1, fo.indices), rw.gather(1, ro.indices), rtol=2e-7, atol=0)
+    return fi, fw
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("rows", [1, 7, PARALLEL_MIN_ROWS + 3])
+def test_fast_router_matches_torch(case, rows):
+    ref, fast = _gates(case, seed=rows)
+    x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    _same_selection(ref, fast, x)
+
+
+def test_fast_router_group_limit_really_limits():
+    """DeepSeek-V3 routing: every chosen expert lies in one of the topk_group best groups; a row whose best
+    single experts are spread over all groups shows the limit at work (the plain top-k would differ)."""
+    ref, fast = _gates("deepseek-v3")
+    E, k, ng, tg = 256, 8, 8, 4
+    x = torch.randn(64, 64, generator=torch.Generator().manual_seed(3))
+    idx, _ = _same_selection(ref, fast, x)
+    per_row = [len(set((r // (E // ng)).tolist())) for r in idx]
+    assert max(per_row) <= tg
+    with torch.inference_mode():
+        scores = torch.sigmoid(torch.nn.functional.linear(x.float(), ref.weight.float()))
+        plain = (scores + ref.e_score_correction_bias).topk(k, dim=-1)[1]
+    assert any(set(a.tolist()) != set(b.tolist()) for a, b in zip(idx, plain))
+
+
+def test_fast_router_ties_and_nan():
+    """Exact ties keep the lower expert id; a NaN score ranks first (as torch's topk ranks it)."""
+    ref, fast = _gates("top1")
+    scores = torch.zeros(3, 16)
+    scores[0, [4, 9]] = 0.7          # tie: expert 4 wins
+    scores[1, 2] = float("nan")
+    scores[1, 3] = 0.9
+    scores[2] = 0.25                  # all equal: expert 0
+    with torch.no_grad():
+        fast.e_score_correction_bias.zero_()
+    idx, _ = fast.fast(scores)
+    assert idx[:, 0].tolist() == [4, 2, 0]
+    assert torch.topk(scores[1], 1)[1].item() == 2   # torch agrees on the NaN
+
+
+def test_fast_router_declines_and_follows_bias_updates():
+    ref, fast = _gates("k2")
+    x = torch.randn(5, 64, requires_grad=True)
+    assert fast.fast(torch.randn(5, 384, requires_grad=True)) is None      # autograd stays on torch
+    assert fast.fast(torch.randn(5, 384, dtype=torch.float64)) is None
+    with torch.no_grad():                                                    # in-place bias change is seen
+        ref.e_score_correction_bias.add_(torch.linspace(0, 1, 384))
+        fast.e_score_correction_bias.add_(torch.linspace(0, 1, 384))
+    _same_selection(ref, fast, x.detach())
+
+
+def test_loader_installs_fast_router_on_cpu(tiny_dir):
+    from kimi_local.checkpoint import load_model
+    m = load_model(tiny_dir, dtype=torch.float32, expert_backend="torch")
+    gates = [mod for mod in m.modules() if isinstance(mod, Gate)]
+    assert gates and all(g.fast is not None for g in gates)
+    tokens = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.inference_mode():
+        a = m(tokens)
+        for g in gates:
+            g.fast = None
+        b = m(tokens)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
