@@ -465,9 +465,10 @@ class ParsedOutput:
     """Model output split into content and tool calls.
 
     ``malformed`` is True when anything deviated from the grammar; ``problems`` says what, one line each.
-    Malformed pieces stay visible: stray markers and unfinished call headers are kept verbatim in
-    ``content``; a call with bad or truncated arguments is kept with ``valid_json=False`` (and
-    ``complete=False`` when it was never closed).
+    Marker strings never reach ``content`` (§11.3): a stray marker is dropped and noted in ``problems``.
+    The text of malformed pieces stays visible: an unfinished or nameless call header keeps its text (without
+    its markers) in ``content``; a call with bad or truncated arguments is kept with ``valid_json=False``
+    (and ``complete=False`` when it was never closed).
     """
 
     content: str
@@ -664,7 +665,7 @@ class ToolCallStreamParser:
             self._id_buf += text
             if len(self._id_buf) > _MAX_ID_LEN:
                 self._problem(f"tool-call header longer than {_MAX_ID_LEN} characters (kept as content)")
-                self._emit_content(CALL_BEGIN + self._id_buf)
+                self._emit_content(self._id_buf)
                 self._id_buf = ""
                 self._state = _DEAD_CALL
         elif st == _ARGS:
@@ -717,8 +718,7 @@ class ToolCallStreamParser:
                 self._problem(f"stray {mk} inside tool-call arguments (kept as text)")
                 self._on_text(mk)
         elif st == _DEAD_CALL:
-            if mk in (ARG_BEGIN, CALL_END):  # the dead call's own markers stay with its text
-                self._emit_content(mk)
+            if mk in (ARG_BEGIN, CALL_END):  # the dead call's own markers (dropped; its text stays)
                 if mk == CALL_END:
                     self._enter_section()
             else:
@@ -738,14 +738,13 @@ class ToolCallStreamParser:
             self._stray(mk, "inside the tool-call section outside any call")
 
     def _stray(self, mk: str, where: str) -> None:
-        self._problem(f"stray {mk} {where} (kept as content)")
-        self._emit_content(mk)
+        self._problem(f"stray {mk} {where} (dropped)")
         if self._state == _SECTION:
             self._junk = True
 
     def _degrade_header(self, why: str) -> None:
-        self._problem(f"{why}; kept as content")
-        self._emit_content(CALL_BEGIN + self._id_buf)
+        self._problem(f"{why}; its text kept as content")
+        self._emit_content(self._id_buf)
         self._id_buf = ""
         self._enter_section()
 
@@ -753,9 +752,9 @@ class ToolCallStreamParser:
         call_id = self._id_buf.strip()
         name = _call_name(call_id, self._tool_names)
         if not name:
-            # Nothing callable: keep the whole call as text up to its <|tool_call_end|>.
-            self._problem("tool call without a function name (kept as content)")
-            self._emit_content(CALL_BEGIN + self._id_buf + ARG_BEGIN)
+            # Nothing callable: keep the call's text (not its markers) as content up to its <|tool_call_end|>.
+            self._problem("tool call without a function name (its text kept as content)")
+            self._emit_content(self._id_buf)
             self._id_buf = ""
             self._state = _DEAD_CALL
             return
