@@ -398,9 +398,10 @@ def load_model(model_dir: str, *, device="cpu", dtype: torch.dtype = torch.bfloa
         attach(model)
     model.fuse_projections()
     if torch.device(device).type == "cpu":
-        from kimi_local.cpu_kernels import norm, router
+        from kimi_local.cpu_kernels import attention, norm, router
         norm.install(model)
         router.install(model)
+        attention.install(model)
     model.load_seconds = time.perf_counter() - t0
     model.load_bytes = total
     model.eval()

@@ -249,6 +249,9 @@ class MLA(nn.Module):
         self.softmax_scale = args.softmax_scale
         self._kv_b_cast = Derived()
         self._qkv_a: Optional[torch.Tensor] = None
+        # Optional decode fast path, ``fast(q, c_kv, k_pe, rot, cache, start_pos) -> [1, 1, H * Dv] | None``: the
+        # loader installs the CPU kernel (kimi_local.cpu_kernels.attention); the torch code below is its reference.
+        self.fast = None
 
     def fuse(self) -> None:
         """One matmul for q_a_proj and kv_a_proj_with_mqa (both read x): their weights become views of one."""
@@ -280,6 +283,10 @@ class MLA(nn.Module):
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)  # rope part is the *last* Dr of each head
         c_kv = self.kv_a_layernorm(c_kv)                               # [B, S, C]
         end = start_pos + S
+        if self.fast is not None and S == 1 and (mode == "absorbed" or (mode == "auto" and end >= 4)):
+            o = self.fast(q, c_kv, k_pe, rot, cache, start_pos)
+            if o is not None:
+                return self.o_proj(o.to(x.dtype))
         cd = attention_dtype(x)
         # one rotation for the H query heads and the shared key (as head H), straight into the attention dtype
         pe = apply_rope(torch.cat([q_pe, k_pe.unsqueeze(2)], dim=2), rot, cd)

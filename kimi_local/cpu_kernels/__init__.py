@@ -1,5 +1,5 @@
 """CPU kernels: Numba block-FP8 routed-expert compute (fp8_moe), RMSNorm for small batches (norm), the
-router's top-k selection (router), the benchmark (bench) and the DRAM read-bandwidth ceiling (membw)."""
+router's top-k selection (router), MLA decode attention (attention), the benchmark (bench) and the DRAM read-bandwidth ceiling (membw)."""
 
 import glob as _glob
 import hashlib as _hashlib
@@ -27,7 +27,7 @@ def _drop_stale_numba_caches() -> None:
             for pattern in ("*.nbi", "*.nbc"):
                 for path in _glob.glob(_os.path.join(d, "**", pattern), recursive=True):
                     name = _os.path.basename(path)
-                    if name.startswith(("fp8_moe.", "membw.", "norm.")):
+                    if name.startswith(("fp8_moe.", "membw.", "norm.", "attention.")):
                         _os.remove(path)
             for old in _glob.glob(_os.path.join(d, "kimi-simd-*.stamp")):
                 _os.remove(old)

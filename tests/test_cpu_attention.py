@@ -1,0 +1,108 @@
+"""The Numba MLA decode core (kimi_local.cpu_kernels.attention) against the module's own torch code."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from kimi_local.config import ModelArgs
+from kimi_local.cpu_kernels import attention
+from kimi_local.model import MLA, KVCache, rope_inv_freq, rope_rotation
+
+K2_LIKE = dict(hidden_size=256, num_attention_heads=3, q_lora_rank=192, kv_lora_rank=512, qk_nope_head_dim=128,
+               qk_rope_head_dim=64, v_head_dim=128)
+TINY_LIKE = dict(hidden_size=192, num_attention_heads=4, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32,
+                 qk_rope_head_dim=16, v_head_dim=32)
+NO_Q_LORA = dict(TINY_LIKE, q_lora_rank=None)
+
+
+def _pair(shape, dtype, seed=0):
+    args = dataclasses.replace(ModelArgs(), num_key_value_heads=shape["num_attention_heads"], **shape,
+                               rope_scaling={"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 64,
+                                             "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0})
+    g = torch.Generator().manual_seed(seed)
+    ref = MLA(args, 0)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5 + (1.0 if p.ndim == 1 else 0.0))
+    ref = ref.to(dtype)
+    fast = MLA(args, 0).to(dtype)
+    fast.load_state_dict(ref.state_dict())
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = fast
+    assert attention.install(Holder()) == 1 and fast.fast is not None
+    return args, ref, fast
+
+
+def _decode_both(shape, dtype, n_ctx, seed=0):
+    """Prefill n_ctx random positions through the torch code into two caches, then one decode step each."""
+    args, ref, fast = _pair(shape, dtype, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    inv, amp = rope_inv_freq(args, torch.device("cpu"))
+    caches = [KVCache(args, n_ctx + 4, 1, dtype=torch.float32) for _ in range(2)]
+    with torch.inference_mode():
+        xp = torch.randn(1, n_ctx, args.hidden_size, generator=g).to(dtype)
+        for c in caches:
+            ref(xp, 0, rope_rotation(inv, amp, 0, n_ctx), c, "naive")
+        x = torch.randn(1, 1, args.hidden_size, generator=g).to(dtype)
+        rot = rope_rotation(inv, amp, n_ctx, 1)
+        want = ref(x, n_ctx, rot, caches[0], "auto")
+        got = fast(x, n_ctx, rot, caches[1], "auto")
+    return want, got, caches
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("shape", [TINY_LIKE, K2_LIKE, NO_Q_LORA], ids=["tiny", "k2-like", "no-q-lora"])
+@pytest.mark.parametrize("n_ctx", [3, 37, 300])
+def test_fast_decode_matches_torch(shape, dtype, n_ctx):
+    want, got, (c_ref, c_fast) = _decode_both(shape, dtype, n_ctx)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    else:   # the same values up to float32 summation order, then one bf16 rounding in o_proj's input
+        torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -6, atol=2e-3)
+    # the new position went into the cache the same way (latent exact, rotated key up to rounding)
+    torch.testing.assert_close(c_fast.kvpe, c_ref.kvpe, rtol=1e-6, atol=1e-6)
+    assert c_fast.kvpe[0, 0, n_ctx].abs().sum() > 0
+
+
+def test_parallel_heads_match_serial(monkeypatch):
+    want, got_serial, _ = _decode_both(K2_LIKE, torch.float32, 50)
+    monkeypatch.setattr(attention, "PARALLEL_MIN_WORK", 0)
+    _, got_parallel, _ = _decode_both(K2_LIKE, torch.float32, 50)
+    torch.testing.assert_close(got_parallel, got_serial, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got_parallel, want, rtol=1e-4, atol=1e-5)
+
+
+def test_fast_path_declines_what_it_does_not_cover():
+    args, ref, fast = _pair(TINY_LIKE, torch.float32)
+    inv, amp = rope_inv_freq(args, torch.device("cpu"))
+    q = torch.randn(1, 1, 4, 48)
+    c_kv, k_pe = torch.randn(1, 1, 64), torch.randn(1, 1, 16)
+    rot = rope_rotation(inv, amp, 5, 1)
+    cache = KVCache(args, 16, 1, dtype=torch.float32)
+    assert fast.fast(q, c_kv, k_pe, rot, None, 5) is None                              # no cache
+    assert fast.fast(q.expand(2, 1, 4, 48), c_kv, k_pe, rot, cache, 5) is None          # batch of 2
+    assert fast.fast(q, c_kv, k_pe, rot, KVCache(args, 16, 1, dtype=torch.bfloat16), 5) is None
+    assert fast.fast(q.requires_grad_(), c_kv, k_pe, rot, cache, 5) is None
+    assert fast.fast(q.detach(), c_kv, k_pe, rot, cache, 5) is None                    # weights need grads
+    with torch.no_grad():
+        assert fast.fast(q.detach(), c_kv, k_pe, rot, cache, 5) is not None
+
+
+def test_loader_installs_fast_attention_and_generation_is_unchanged(tiny_dir):
+    from kimi_local.checkpoint import load_model
+    from helpers import greedy
+    m = load_model(tiny_dir, dtype=torch.float32)
+    mlas = [mod for mod in m.modules() if isinstance(mod, MLA)]
+    assert mlas and all(a.fast is not None for a in mlas)
+    ids = list(range(5, 25))
+    fast_tokens, fast_logits = greedy(m, ids, 12)
+    for a in mlas:
+        a.fast = None
+    tokens, logits = greedy(m, ids, 12)
+    assert tokens == fast_tokens
+    torch.testing.assert_close(fast_logits, logits, rtol=1e-4, atol=1e-4)
