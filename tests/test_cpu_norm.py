@@ -82,18 +82,19 @@ def test_loader_installs_fast_norm_on_cpu(tiny_dir):
 
 
 def test_stale_numba_caches_dropped_when_intrinsics_change(tmp_path, monkeypatch):
-    """Numba keys a module's cache on that file alone; the package drops its kernels' caches when simd.py
-    (the intrinsics every kernel inlines) changes, and leaves them alone otherwise."""
+    """Numba keys a module's cache on that file alone; the package drops its kernels' caches when simd.py or
+    mathf.py (the helpers the kernels inline) change, and leaves them alone otherwise."""
     import kimi_local.cpu_kernels as ck
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
     sub = tmp_path / "kimi_local" / "cpu_kernels"
     sub.mkdir(parents=True)
     ours, theirs = sub / "fp8_moe._gemv4-1.py311.nbi", sub / "other_pkg.f-1.py311.nbi"
-    for f in (ours, theirs):
+    also_ours = sub / "attention._heads-1.py311.nbc"
+    for f in (ours, theirs, also_ours):
         f.write_bytes(b"x")
     (tmp_path / "kimi-simd-0000000000000000.stamp").write_text("")   # stamp of an older simd.py
     ck._drop_stale_numba_caches()
-    assert not ours.exists() and theirs.exists()
+    assert not ours.exists() and not also_ours.exists() and theirs.exists()
     stamps = list(tmp_path.glob("kimi-simd-*.stamp"))
     assert len(stamps) == 1 and stamps[0].name != "kimi-simd-0000000000000000.stamp"
     ours.write_bytes(b"x")                                             # compiled again for this simd.py

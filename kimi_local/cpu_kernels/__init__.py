@@ -6,16 +6,24 @@ import hashlib as _hashlib
 import os as _os
 
 
+_SHARED = ("simd.py", "mathf.py")
+_KERNEL_MODULES = ("fp8_moe.", "membw.", "norm.", "attention.", "router.", "mathf.")
+
+
 def _drop_stale_numba_caches() -> None:
     """Numba's on-disk cache of a module is keyed on that module's own source file only, so after an edit of
-    the shared intrinsics (simd.py) every kernel would silently keep its old machine code.  Keep a stamp of
-    simd.py next to the caches and drop this package's caches when it changes."""
+    the shared helpers (the intrinsics in simd.py, the math in mathf.py) every kernel would silently keep its
+    old machine code.  Keep a stamp of those files next to the caches and drop this package's caches when it
+    changes."""
     here = _os.path.dirname(__file__)
+    h = _hashlib.sha1()
     try:
-        with open(_os.path.join(here, "simd.py"), "rb") as f:
-            stamp = _hashlib.sha1(f.read()).hexdigest()[:16]
+        for shared in _SHARED:
+            with open(_os.path.join(here, shared), "rb") as f:
+                h.update(f.read())
     except OSError:
         return
+    stamp = h.hexdigest()[:16]
     dirs = [_os.path.join(here, "__pycache__")]
     if _os.environ.get("NUMBA_CACHE_DIR"):
         dirs.append(_os.environ["NUMBA_CACHE_DIR"])
@@ -27,7 +35,7 @@ def _drop_stale_numba_caches() -> None:
             for pattern in ("*.nbi", "*.nbc"):
                 for path in _glob.glob(_os.path.join(d, "**", pattern), recursive=True):
                     name = _os.path.basename(path)
-                    if name.startswith(("fp8_moe.", "membw.", "norm.", "attention.")):
+                    if name.startswith(_KERNEL_MODULES):
                         _os.remove(path)
             for old in _glob.glob(_os.path.join(d, "kimi-simd-*.stamp")):
                 _os.remove(old)

@@ -20,18 +20,21 @@ torch code stays the reference (``tests/test_cpu_attention.py``).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from numba import njit, prange, types
 from numba.extending import overload
 
+from .mathf import exp_f32
 from .simd import bitcast_u32_f32
 
 __all__ = ["mla_decode", "install", "PARALLEL_MIN_WORK"]
 
-PARALLEL_MIN_WORK = 1 << 20   # H * (T + C) * C multiply-adds above which heads are split over threads
+PARALLEL_MIN_WORK = 1 << 16   # H * (T + C) * C multiply-adds above which heads are split over threads
+
+# fastmath without nnan/ninf (the -inf of an empty softmax row, NaN inputs propagate as in torch); reassociation
+# lets the dot products and sums vectorise
+_FM = {"contract", "reassoc", "nsz", "arcp", "afn"}
 
 
 def _f32(v):
@@ -46,7 +49,7 @@ def _f32_impl(v):
     return lambda v: np.float32(v)
 
 
-@njit(inline="always", nogil=True, cache=True)
+@njit(inline="always", nogil=True, cache=True, fastmath=_FM)
 def _rope(src, off, rot, dst):
     """dst[2i], dst[2i+1] = (src[off+2i] + i src[off+2i+1]) * (rot[i, 0] + i rot[i, 1])."""
     for i in range(rot.shape[0]):
@@ -58,7 +61,7 @@ def _rope(src, off, rot, dst):
         dst[2 * i + 1] = a * d + b * c
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, fastmath=_FM)
 def _heads(q, kvpe, T, w, nope, vdim, scale, rot, out, h0, h1):
     """Heads h0 .. h1 - 1 (their scratch allocated once)."""
     C = w.shape[2]
@@ -89,7 +92,7 @@ def _heads(q, kvpe, T, w, nope, vdim, scale, rot, out, h0, h1):
             m = max(m, s)
         tot = np.float32(0.0)
         for t in range(T):
-            e = np.float32(math.exp(p[t] - m))
+            e = exp_f32(p[t] - m)
             p[t] = e
             tot += e
         inv = np.float32(1.0) / tot

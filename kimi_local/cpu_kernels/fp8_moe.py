@@ -59,6 +59,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import simd
+from .mathf import exp_f32 as _exp_f32
 from .simd import (add_f32x16, add_u8x64, and_u8x64, bf16_to_f32, bitcast_u32_f32, cvt_f32_bf16, dpbf16,
                    hsum_f32x16, hsum16_f32x16, load_f32x16, load_u8x64, load_u16x32, mul_f32x16, or_u8x64,
                    perm2_u8x64, prefetch_l2, splat_f32x16, splat_u8x64, store_f32x16, store_u8x64, store_u16x16,
@@ -654,22 +655,6 @@ def _prep_xs(src, src_off, nch, srow, nsplit, xs, xs_off):
             store_u16x16(xs, xs_off + i, h)
             if nsplit == 2:
                 store_u16x16(xs, xs_off + K + i, cvt_f32_bf16(sub_f32x16(v, bf16_to_f32(h))))
-
-
-@njit(inline="always", **_NB_OPTS)
-def _exp_f32(x):
-    """exp for float32 in plain arithmetic (Cephes expf: range reduction by ln 2, degree-6 polynomial, 2^n by
-    exponent bits; ~1 ulp), so that loops over it vectorise -- libm's scalar expf per element cost a third of
-    a small model's prefill.  Arguments are clamped to [-87.3, 88.0] (no inf, no denormal result); a NaN
-    argument gives NaN."""
-    x = min(max(x, np.float32(-87.3)), np.float32(88.0)) if x == x else x
-    n = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))
-    r = x - n * np.float32(0.693359375) - n * np.float32(-2.12194440e-4)
-    z = r * r
-    p = (((((np.float32(1.9875691500e-4) * r + np.float32(1.3981999507e-3)) * r + np.float32(8.3334519073e-3)) * r
-           + np.float32(4.1665795894e-2)) * r + np.float32(1.6666665459e-1)) * r + np.float32(5.0000001201e-1))
-    p = p * z + r + np.float32(1.0)
-    return p * bitcast_u32_f32(np.uint32(np.int32(n) + np.int32(127)) << np.uint32(23))
 
 
 @njit(inline="always", **_NB_OPTS)
