@@ -249,8 +249,10 @@ class MLA(nn.Module):
         self.softmax_scale = args.softmax_scale
         self._kv_b_cast = Derived()
         self._qkv_a: Optional[torch.Tensor] = None
-        # Optional decode fast path, ``fast(q, c_kv, k_pe, rot, cache, start_pos) -> [1, 1, H * Dv] | None``: the
-        # loader installs the CPU kernel (kimi_local.cpu_kernels.attention); the torch code below is its reference.
+        # Optional fast paths: ``fast(q, c_kv, k_pe, rot, cache, start_pos) -> [1, 1, H * Dv] | None`` (decode) and
+        # ``fast.prefill(q_nope, q_pe, kvb, pe_all, start_pos) -> [1, S, H, Dv] | None`` (the naive form's causal
+        # core).  The loader installs the CPU kernels (kimi_local.cpu_kernels.attention); the torch code below is
+        # their reference.
         self.fast = None
 
     def fuse(self) -> None:
@@ -313,14 +315,16 @@ class MLA(nn.Module):
             # both parts, and the causal mask rides in as the product's initial value (baddbmm).
             Dq = self.nope + self.rope
             kvb = torch.einsum("btc,hdc->bthd", c_all, wkv_b)             # kv_b_proj, per head
-            k_nope, v = kvb.split([self.nope, self.v_dim], dim=-1)
-            k = torch.cat([k_nope, pe_all.unsqueeze(2).expand(B, T, H, self.rope)], dim=-1)    # [B, T, H, Dq]
-            q = (torch.cat([q_nope, q_pe], dim=-1) * self.softmax_scale).transpose(1, 2).reshape(B * H, S, Dq)
-            k = k.permute(0, 2, 3, 1).reshape(B * H, Dq, T)
-            scores = torch.bmm(q, k) if mask is None else torch.baddbmm(mask.to(q.dtype), q, k)
-            p = scores.float().softmax(dim=-1).to(cd)                       # [B*H, S, T]
-            o = torch.bmm(p, v.permute(0, 2, 1, 3).reshape(B * H, T, self.v_dim))
-            o = o.view(B, H, S, self.v_dim).transpose(1, 2)                 # [B, S, H, Dv]
+            o = self.fast.prefill(q_nope, q_pe, kvb, pe_all, start_pos) if self.fast is not None else None
+            if o is None:
+                k_nope, v = kvb.split([self.nope, self.v_dim], dim=-1)
+                k = torch.cat([k_nope, pe_all.unsqueeze(2).expand(B, T, H, self.rope)], dim=-1)  # [B, T, H, Dq]
+                q = (torch.cat([q_nope, q_pe], dim=-1) * self.softmax_scale).transpose(1, 2).reshape(B * H, S, Dq)
+                k = k.permute(0, 2, 3, 1).reshape(B * H, Dq, T)
+                scores = torch.bmm(q, k) if mask is None else torch.baddbmm(mask.to(q.dtype), q, k)
+                p = scores.float().softmax(dim=-1).to(cd)                   # [B*H, S, T]
+                o = torch.bmm(p, v.permute(0, 2, 1, 3).reshape(B * H, T, self.v_dim))
+                o = o.view(B, H, S, self.v_dim).transpose(1, 2)             # [B, S, H, Dv]
         elif mode == "absorbed":
             # Fold kv_b_proj into the query and the output: attention runs in the C-dim latent space, and
             # [q_lat, q_pe] . [c_kv, k_pe] scores latent and rope parts in one product per batch row.

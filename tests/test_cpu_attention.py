@@ -14,6 +14,8 @@ K2_LIKE = dict(hidden_size=256, num_attention_heads=3, q_lora_rank=192, kv_lora_
 TINY_LIKE = dict(hidden_size=192, num_attention_heads=4, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32,
                  qk_rope_head_dim=16, v_head_dim=32)
 NO_Q_LORA = dict(TINY_LIKE, q_lora_rank=None)
+ODD = dict(hidden_size=96, num_attention_heads=3, q_lora_rank=40, kv_lora_rank=48, qk_nope_head_dim=20,
+           qk_rope_head_dim=8, v_head_dim=24)     # nothing a multiple of 16
 
 
 def _pair(shape, dtype, seed=0):
@@ -77,6 +79,27 @@ def test_parallel_heads_match_serial(monkeypatch):
     torch.testing.assert_close(got_parallel, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [TINY_LIKE, K2_LIKE, ODD], ids=["tiny", "k2-like", "odd"])
+@pytest.mark.parametrize("start,S", [(0, 1), (0, 7), (0, 61), (13, 30), (50, 3)])
+def test_fast_prefill_matches_torch(shape, start, S):
+    """The naive form's causal core (prefill chunks, from position 0 or after a cached prefix)."""
+    args, ref, fast = _pair(shape, torch.float32, seed=S)
+    g = torch.Generator().manual_seed(start)
+    inv, amp = rope_inv_freq(args, torch.device("cpu"))
+    caches = [KVCache(args, start + S + 2, 1, dtype=torch.float32) for _ in range(2)]
+    with torch.inference_mode():
+        if start:
+            xp = torch.randn(1, start, args.hidden_size, generator=g)
+            for c in caches:
+                ref(xp, 0, rope_rotation(inv, amp, 0, start), c, "naive")
+        x = torch.randn(1, S, args.hidden_size, generator=g)
+        rot = rope_rotation(inv, amp, start, S)
+        want = ref(x, start, rot, caches[0], "naive")
+        got = fast(x, start, rot, caches[1], "naive")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(caches[1].kvpe, caches[0].kvpe)
+
+
 def test_fast_path_declines_what_it_does_not_cover():
     args, ref, fast = _pair(TINY_LIKE, torch.float32)
     inv, amp = rope_inv_freq(args, torch.device("cpu"))
@@ -91,6 +114,12 @@ def test_fast_path_declines_what_it_does_not_cover():
     assert fast.fast(q.detach(), c_kv, k_pe, rot, cache, 5) is None                    # weights need grads
     with torch.no_grad():
         assert fast.fast(q.detach(), c_kv, k_pe, rot, cache, 5) is not None
+    kvb, pe = torch.randn(1, 9, 4, 64), torch.randn(1, 9, 16)
+    qn, qp = torch.randn(1, 4, 4, 32), torch.randn(1, 4, 4, 16)
+    assert fast.fast.prefill(qn, qp, kvb, pe, 5) is not None
+    assert fast.fast.prefill(qn.expand(2, 4, 4, 32), qp, kvb, pe, 5) is None           # batch of 2
+    assert fast.fast.prefill(qn, qp, kvb, pe, 3) is None                               # keys != start + S
+    assert fast.fast.prefill(qn.double(), qp, kvb, pe, 5) is None
 
 
 def test_loader_installs_fast_attention_and_generation_is_unchanged(tiny_dir):

@@ -25,7 +25,7 @@ __all__ = [
     "load_u8x64", "load_u16x32", "load_f32x16", "store_f32x16", "store_u16x16", "store_u8x64", "load_u64x8",
     "zero_f32x16", "splat_f32x16", "splat_u8x64", "zero_u64x8",
     "and_u8x64", "or_u8x64", "add_u8x64", "perm2_u8x64", "unpacklo_u8_to_u16", "unpackhi_u8_to_u16",
-    "dpbf16", "cvt_f32_bf16", "bf16_to_f32", "add_f32x16", "sub_f32x16", "mul_f32x16",
+    "dpbf16", "cvt_f32_bf16", "bf16_to_f32", "add_f32x16", "sub_f32x16", "mul_f32x16", "max_f32x16",
     "hsum_f32x16", "hsum16_f32x16", "bitcast_u32_f32", "bitcast_f32_u32", "add_u64x8", "xor_u64x8", "hsum_u64x8", "prefetch", "prefetch_l2",
 ]
 
@@ -208,6 +208,19 @@ sub_f32x16 = _binop(V16f32, "fsub")
 mul_f32x16 = _binop(V16f32, "fmul")
 add_u64x8 = _binop(V8u64, "add")
 xor_u64x8 = _binop(V8u64, "xor")
+
+
+@intrinsic
+def max_f32x16(typingctx, a, b):
+    """Lane-wise max (a > b ? a : b; a NaN in ``a`` gives ``b``, one in ``b`` stays): vmaxps."""
+    if a != V16f32 or b != V16f32:
+        return None
+    sig = V16f32(a, b)
+
+    def codegen(context, builder, sig, args):
+        gt = builder.fcmp_ordered(">", args[0], args[1])
+        return builder.select(gt, args[0], args[1])
+    return sig, codegen
 
 
 @intrinsic
