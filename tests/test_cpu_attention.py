@@ -135,3 +135,19 @@ def test_loader_installs_fast_attention_and_generation_is_unchanged(tiny_dir):
     tokens, logits = greedy(m, ids, 12)
     assert tokens == fast_tokens
     torch.testing.assert_close(fast_logits, logits, rtol=1e-4, atol=1e-4)
+
+
+def test_prefill_result_does_not_depend_on_thread_count():
+    from kimi_local.cpu_kernels import fp8_moe
+    g = torch.Generator().manual_seed(0)
+    qn, qp = torch.randn(37, 3, 20, generator=g), torch.randn(37, 3, 8, generator=g)
+    kvb, pe = torch.randn(50, 3, 44, generator=g), torch.randn(50, 8, generator=g)
+    before = fp8_moe.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            fp8_moe.set_num_threads(n)
+            outs.append(attention.causal_prefill(qn, qp, kvb, pe, 13, 0.3))
+    finally:
+        fp8_moe.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1])

@@ -31,6 +31,7 @@ import torch
 from numba import njit, prange, types
 from numba.extending import overload
 
+from .fp8_moe import get_num_threads, kernel_threads
 from .mathf import exp_f32
 from .simd import (add_f32x16, bitcast_u32_f32, load_f32x16, max_f32x16, mul_f32x16, splat_f32x16, store_f32x16,
                    zero_f32x16)
@@ -285,7 +286,8 @@ def causal_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, kvb: torch.Tensor, 
     S, H, _ = q_nope.shape
     Dv = kvb.shape[2] - q_nope.shape[2]
     out = np.empty((S, H, Dv), np.float32)
-    _causal(_np(q_nope), _np(q_pe), _np(kvb), _np(pe), start_pos, np.float32(scale), out)
+    with kernel_threads():
+        _causal(_np(q_nope), _np(q_pe), _np(kvb), _np(pe), start_pos, np.float32(scale), out)
     return torch.from_numpy(out)
 
 
@@ -312,8 +314,9 @@ def mla_decode(q: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, rot: tor
     out = np.empty((H, v_dim), np.float32)
     args = (qa, _np(c_kv).reshape(-1), _np(k_pe).reshape(-1), rot_ri, kv, pos, w_kv_b.detach().numpy(), nope, v_dim,
             np.float32(scale), out)
-    if H * (pos + 1 + C) * C >= PARALLEL_MIN_WORK and H > 1:
-        _decode_parallel(*args)
+    if H * (pos + 1 + C) * C >= PARALLEL_MIN_WORK and H > 1 and get_num_threads() > 1:
+        with kernel_threads():
+            _decode_parallel(*args)
     else:
         _decode_serial(*args)
     return torch.from_numpy(out)

@@ -49,6 +49,7 @@ the ``torch`` backend.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
@@ -927,21 +928,29 @@ def moe_forward(p: PackedExperts, x: np.ndarray, slots: np.ndarray, weights: np.
     if uniq.size == 0:
         out[...] = 0.0
         return out
+    with kernel_threads():
+        if fast_path_available() and p.block == (128, 128):
+            _moe_fast(p.w1, p.w3, p.w2, p.s1, p.s3, p.s2, p.hidden, p.inter, x, uniq, start, ptok, pw,
+                      2 if get_precision(precision) == "bf16x2" else 1, _TBL, _POS, out)
+        else:
+            _moe_portable_dispatch(p, x, uniq, start, ptok, pw, out)
+    return out
+
+
+@contextlib.contextmanager
+def kernel_threads():
+    """Run the enclosed Numba parallel call on the kernels' thread count (:func:`set_num_threads`; every CPU
+    kernel module uses this).  Numba's count is per calling thread; the lock keeps concurrent callers tidy."""
     nthreads = get_num_threads()
-    with _lock:  # numba's thread count is per calling thread; the lock keeps concurrent callers tidy
+    with _lock:
         prev = numba.get_num_threads()
         if prev != nthreads:
             numba.set_num_threads(nthreads)
         try:
-            if fast_path_available() and p.block == (128, 128):
-                _moe_fast(p.w1, p.w3, p.w2, p.s1, p.s3, p.s2, p.hidden, p.inter, x, uniq, start, ptok, pw,
-                          2 if get_precision(precision) == "bf16x2" else 1, _TBL, _POS, out)
-            else:
-                _moe_portable_dispatch(p, x, uniq, start, ptok, pw, out)
+            yield nthreads
         finally:
             if prev != nthreads:
                 numba.set_num_threads(prev)
-    return out
 
 
 def _moe_portable_dispatch(p, x, uniq, start, ptok, pw, out):

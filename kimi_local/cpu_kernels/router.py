@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from .fp8_moe import get_num_threads, kernel_threads
+
 __all__ = ["select", "install", "PARALLEL_MIN_ROWS"]
 
 PARALLEL_MIN_ROWS = 256   # below this the thread wake-up costs more than the work (decode: one row)
@@ -136,8 +138,9 @@ def select(scores: torch.Tensor, bias, n_group: int, topk_group: int, group_mode
     has_bias = bias is not None
     b = bias if has_bias else np.zeros(1, np.float32)
     a = (s, b, has_bias, n_group, topk_group, group_mode, k, bool(norm and k > 1), np.float32(scale), idx, w)
-    if N >= PARALLEL_MIN_ROWS:
-        _rows_parallel(*a, 64)
+    if N >= PARALLEL_MIN_ROWS and get_num_threads() > 1:
+        with kernel_threads():
+            _rows_parallel(*a, 64)
     else:
         _rows(*a, 0, N)
     return torch.from_numpy(idx), torch.from_numpy(w)
