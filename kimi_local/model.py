@@ -188,7 +188,7 @@ _last_mask: dict = {}
 def causal_mask(start_pos: int, S: int, device) -> torch.Tensor:
     """[S, start_pos + S] float32 additive mask: query i sits at absolute position start_pos + i and sees keys
     0..start_pos + i (0), not the later ones (-inf).  Every layer of a forward asks for the same mask, so the
-    last one built is kept (one entry)."""
+    last one built is kept (one entry, dropped at the end of the model's forward)."""
     key = (start_pos, S, str(device), torch.is_inference_mode_enabled())
     m = _last_mask.get(key)
     if m is None:
@@ -550,8 +550,11 @@ class KimiModel(nn.Module):
         h = self.model.embed_tokens(tokens)
         rot = self._rotation(start_pos, S, h.device)
         with matmul_backend_for(h.device, B * S):
-            for layer in self.model.layers:
-                h = layer(h, start_pos, rot, cache, self.attn_mode)
+            try:
+                for layer in self.model.layers:
+                    h = layer(h, start_pos, rot, cache, self.attn_mode)
+            finally:
+                _last_mask.clear()   # a long prompt's mask is S x T floats: not kept past its forward
             if last_only:
                 h = h[:, -1:]
             return self.lm_head(self.model.norm(h)).float()

@@ -36,7 +36,7 @@ from .mathf import exp_f32
 from .simd import (add_f32x16, bitcast_u32_f32, load_f32x16, max_f32x16, mul_f32x16, splat_f32x16, store_f32x16,
                    zero_f32x16)
 
-__all__ = ["mla_decode", "install", "PARALLEL_MIN_WORK"]
+__all__ = ["mla_decode", "causal_prefill", "install", "PARALLEL_MIN_WORK"]
 
 PARALLEL_MIN_WORK = 1 << 16   # H * (T + C) * C multiply-adds above which heads are split over threads
 
@@ -323,8 +323,8 @@ def mla_decode(q: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, rot: tor
 
 
 class _Fast:
-    """An MLA module's decode fast path: None (the torch code runs) for what it does not cover (batches,
-    several new tokens, no cache, other devices or cache dtypes, autograd)."""
+    """An MLA module's fast paths (decode: ``__call__``, prefill: :meth:`prefill`): None (the torch code runs)
+    for what they do not cover (batches, no cache, other devices or cache dtypes, autograd)."""
 
     def __init__(self, attn):
         self.attn = attn
@@ -344,7 +344,6 @@ class _Fast:
                        a.nope, a.v_dim, a.softmax_scale)
         return o.view(1, 1, -1)
 
-
     def prefill(self, q_nope, q_pe, kvb, pe_all, start_pos):
         """The naive form's causal core: q_nope [1, S, H, Dn], q_pe [1, S, H, Dr], kvb [1, T, H, Dn + Dv],
         pe_all [1, T, Dr] (float32) -> [1, S, H, Dv] float32, or None."""
@@ -357,7 +356,7 @@ class _Fast:
 
 
 def install(model: torch.nn.Module) -> int:
-    """Give every MLA of ``model`` the Numba decode core; returns how many got it."""
+    """Give every MLA of ``model`` the Numba attention cores; returns how many got them."""
     from kimi_local.cpu_kernels import install_fast
     from kimi_local.model import MLA
     return install_fast(model, MLA, _Fast)
