@@ -76,6 +76,8 @@ def test_k2_layer_quick_with_what_if(tmp_path):
     doc, stdout = run_bench(tmp_path, "k2-layer", "--dram-gbps", "100", "--gpu", "none", "--gpu", "h100")
     kl, kp = doc["k2_layer"], doc["k2_projection"]
     assert kl["hidden"] == 7168 and kl["inter"] == 2048 and kl["bytes_per_expert"] == 44_050_944
+    if kl["backend"] == "numba-avx512bf16":   # the layer's bf16 activations run the kernels in bf16
+        assert kl["precision"] == "bf16"
     assert math.isclose(kl["decode_bw_fraction"], kl["decode"]["gbps"] / kl["mem_read_gbps"], rel_tol=1e-9)
     # every projected figure is its formula applied to its inputs
     i = kp["decode"]["inputs"]

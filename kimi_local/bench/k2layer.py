@@ -470,7 +470,7 @@ def run_k2_layer(args, *, threads: int, quick: bool, log: Callable[[str], None],
         "compile_seconds": compile_s,
         "threads": threads,
         "backend": "numba-avx512bf16" if fp8_moe.fast_path_available() else "numba-portable",
-        "precision": fp8_moe.get_precision(),
+        "precision": fp8_moe.get_precision(fp8_moe.precision_for(torch.bfloat16)),   # what the bf16 calls ran
         "mem_read_gbps": mem,
         "mem_read_gbps_before_after": [mem_before, mem_after],
         "mem_read_gbps_on_expert_memory": mem_experts,
