@@ -553,7 +553,7 @@ def _store_u16x32(typingctx, arr, idx, v):
 
 @njit(**_NB_OPTS)
 def _gemm4x4(wbuf, K, xs, x0, x1, x2, x3, KX, nsplit, res):
-    """res[r * 4 + j] = dot(row r of wbuf [4, K], token j) for 4 rows x 4 tokens; xs offsets x0..x3 of the
+    """res[j * 4 + r] = dot(row r of wbuf [4, K], token j) for 4 rows x 4 tokens; xs offsets x0..x3 of the
     tokens' K activations (hi at off, lo at off + KX).  The 16 sums leave as one vector (hsum16_f32x16)."""
     c00 = zero_f32x16(); c01 = zero_f32x16(); c02 = zero_f32x16(); c03 = zero_f32x16()  # noqa: E702
     c10 = zero_f32x16(); c11 = zero_f32x16(); c12 = zero_f32x16(); c13 = zero_f32x16()  # noqa: E702
@@ -574,12 +574,12 @@ def _gemm4x4(wbuf, K, xs, x0, x1, x2, x3, KX, nsplit, res):
             c02 = dpbf16(c02, w0, v); c12 = dpbf16(c12, w1, v); c22 = dpbf16(c22, w2, v); c32 = dpbf16(c32, w3, v)  # noqa: E702,E501
             v = load_u16x32(xs, x3 + so + k)
             c03 = dpbf16(c03, w0, v); c13 = dpbf16(c13, w1, v); c23 = dpbf16(c23, w2, v); c33 = dpbf16(c33, w3, v)  # noqa: E702,E501
-    store_f32x16(res, 0, hsum16_f32x16(c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33))  # noqa: E501
+    store_f32x16(res, 0, hsum16_f32x16(c00, c10, c20, c30, c01, c11, c21, c31, c02, c12, c22, c32, c03, c13, c23, c33))  # noqa: E501
 
 
 @njit(**_NB_OPTS)
 def _gemm4x3(wbuf, K, xs, x0, x1, x2, KX, nsplit, res):
-    """res[r * 4 + j] for 4 rows x 3 tokens (see _gemm4x4)."""
+    """res[j * 4 + r] for 4 rows x 3 tokens (see _gemm4x4)."""
     c00 = zero_f32x16(); c01 = zero_f32x16(); c02 = zero_f32x16()  # noqa: E702
     c10 = zero_f32x16(); c11 = zero_f32x16(); c12 = zero_f32x16()  # noqa: E702
     c20 = zero_f32x16(); c21 = zero_f32x16(); c22 = zero_f32x16()  # noqa: E702
@@ -598,12 +598,12 @@ def _gemm4x3(wbuf, K, xs, x0, x1, x2, KX, nsplit, res):
             v = load_u16x32(xs, x2 + so + k)
             c02 = dpbf16(c02, w0, v); c12 = dpbf16(c12, w1, v); c22 = dpbf16(c22, w2, v); c32 = dpbf16(c32, w3, v)  # noqa: E702,E501
     z = zero_f32x16()
-    store_f32x16(res, 0, hsum16_f32x16(c00, c01, c02, z, c10, c11, c12, z, c20, c21, c22, z, c30, c31, c32, z))  # noqa: E501
+    store_f32x16(res, 0, hsum16_f32x16(c00, c10, c20, c30, c01, c11, c21, c31, c02, c12, c22, c32, z, z, z, z))  # noqa: E501
 
 
 @njit(**_NB_OPTS)
 def _gemm4x2(wbuf, K, xs, x0, x1, KX, nsplit, res):
-    """res[r * 4 + j] for 4 rows x 2 tokens (see _gemm4x4)."""
+    """res[j * 4 + r] for 4 rows x 2 tokens (see _gemm4x4)."""
     c00 = zero_f32x16(); c01 = zero_f32x16()  # noqa: E702
     c10 = zero_f32x16(); c11 = zero_f32x16()  # noqa: E702
     c20 = zero_f32x16(); c21 = zero_f32x16()  # noqa: E702
@@ -620,14 +620,14 @@ def _gemm4x2(wbuf, K, xs, x0, x1, KX, nsplit, res):
             v = load_u16x32(xs, x1 + so + k)
             c01 = dpbf16(c01, w0, v); c11 = dpbf16(c11, w1, v); c21 = dpbf16(c21, w2, v); c31 = dpbf16(c31, w3, v)  # noqa: E702,E501
     z = zero_f32x16()
-    store_f32x16(res, 0, hsum16_f32x16(c00, c01, z, z, c10, c11, z, z, c20, c21, z, z, c30, c31, z, z))  # noqa: E501
+    store_f32x16(res, 0, hsum16_f32x16(c00, c10, c20, c30, c01, c11, c21, c31, z, z, z, z, z, z, z, z))  # noqa: E501
 
 
 @njit(**_NB_OPTS)
 def _gemm_tiles(wbuf, K, xs, xbase, stride, KX, ne, nsplit, res, j0):
     """Next token tile of the GEMM over a decoded tile wbuf [4, K]: tokens j0 .. j0 + nj of the expert (their
     activations at xs[xbase + j * stride], lo split at + KX).  Tiles are 4 or 3 tokens wide (2 or 1 only for
-    ne = 5 / ne <= 2), so no token is computed twice.  Writes res[r * 4 + j] for j < nj and returns nj."""
+    ne = 5 / ne <= 2), so no token is computed twice.  Writes res[j * 4 + r] for j < nj and returns nj."""
     rem = ne - j0
     o = xbase + j0 * stride
     if rem <= 2:
@@ -727,9 +727,9 @@ def _moe_fast(w1, w3, w2, s1, s3, s2, D, I, x, uniq, start, ptok, pw, nsplit, tb
                         i = 0
                         while i < ne:
                             nj = _gemm_tiles(wbuf, nc * 64, xs, xbase + c0 * 64, nsplit * Dp, Dp, ne, nsplit, res, i)
-                            for r in range(4):
-                                for j in range(nj):
-                                    dst[i + j, gi * 4 + r] += res[r * 4 + j]
+                            for j in range(nj):           # token j's 4 rows: contiguous on both sides
+                                for r in range(4):
+                                    dst[i + j, gi * 4 + r] += res[j * 4 + r]
                             i += nj
         hrow = np.empty(nr, np.float32)
         for i in range(ne):
@@ -777,7 +777,7 @@ def _moe_fast(w1, w3, w2, s1, s3, s2, D, I, x, uniq, start, ptok, pw, nsplit, tb
                                 t = ptok[p0 + i + j]
                                 wt = pw[p0 + i + j]
                                 for r in range(4):
-                                    acc[t, gi * 4 + r] += wt * res[r * 4 + j]
+                                    acc[t, gi * 4 + r] += wt * res[j * 4 + r]
                             i += nj
         for t in range(T):
             for r in range(nr):
