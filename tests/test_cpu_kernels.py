@@ -177,6 +177,33 @@ def test_moe_vs_reference(backend, D, I, n, T, k):
     _check(p, x, slots, w, backend)
 
 
+@pytest.mark.skipif(not FAST, reason="the two GEMM tile kinds exist on the AVX-512 BF16 path only")
+@pytest.mark.parametrize("outer", [True, False], ids=["outer-product", "dot-product"])
+@pytest.mark.parametrize("D,I,n,T", [
+    (192, 160, 12, 40),      # the tiny model's shape (outer-product by default)
+    (200, 40, 6, 23),        # 10 row groups: the last 16-row tile has 2 of its 4 groups
+    (136, 72, 4, 9),         # odd sizes, 3..8 tokens per expert (both token-tile widths)
+    (1100, 300, 4, 30),      # more than one outer-product K block
+])
+def test_gemm_tile_kinds_match_reference(monkeypatch, outer, D, I, n, T):
+    """The outer-product tiles (16 rows per vector, small models) and the dot-product tiles (4 x 4, the rest)
+    both match the torch twin, whichever the shape would pick, in both precisions."""
+    monkeypatch.setattr(m, "_op_mode", outer)
+    rng = np.random.default_rng(D + I + T)
+    p = _make(rng, n, D, I)
+    x, slots, w = _inputs(rng, n, D, T, 4)
+    for prec, tol in (("bf16x2", 2e-5), ("bf16", 1.5e-2)):
+        ref = m.moe_forward_ref(p, x, slots, w)
+        got = m.moe_forward(p, x, slots, w, precision=prec)
+        assert np.abs(got - ref).max() <= tol * np.abs(ref).max(), (prec, np.abs(got - ref).max())
+
+
+def test_outer_product_tiles_only_for_small_shapes():
+    assert m.use_outer_product(m.PackedExperts.allocate(1, 192, 160))
+    assert not m.use_outer_product(m.PackedExperts.allocate(1, 7168, 2048))
+    assert not m.use_outer_product(m.PackedExperts.allocate(1, 512, 384))
+
+
 def test_skew_unused_and_skipped(backend):
     rng = np.random.default_rng(7)
     D, I, n, T, k = 256, 192, 8, 40, 8

@@ -25,7 +25,7 @@ __all__ = [
     "load_u8x64", "load_u16x32", "load_f32x16", "store_f32x16", "store_u16x16", "store_u8x64", "load_u64x8",
     "zero_f32x16", "splat_f32x16", "splat_u8x64", "zero_u64x8",
     "and_u8x64", "or_u8x64", "add_u8x64", "perm2_u8x64", "unpacklo_u8_to_u16", "unpackhi_u8_to_u16",
-    "dpbf16", "cvt_f32_bf16", "bf16_to_f32", "add_f32x16", "sub_f32x16", "mul_f32x16", "max_f32x16",
+    "dpbf16", "bcast2_u16x32", "store_transpose16_u32", "cvt_f32_bf16", "bf16_to_f32", "add_f32x16", "sub_f32x16", "mul_f32x16", "max_f32x16",
     "hsum_f32x16", "hsum16_f32x16", "bitcast_u32_f32", "bitcast_f32_u32", "add_u64x8", "xor_u64x8", "hsum_u64x8", "prefetch", "prefetch_l2",
 ]
 
@@ -259,6 +259,73 @@ def _unpack(hi_half: bool):
 # word p of unpacklo(lo, hi) = lo[b] | hi[b] << 8 with b = 16*(p//8) + p%8; unpackhi: b = 16*(p//8) + 8 + p%8
 unpacklo_u8_to_u16 = _unpack(False)
 unpackhi_u8_to_u16 = _unpack(True)
+
+
+@intrinsic
+def bcast2_u16x32(typingctx, arr, idx):
+    """The two uint16 words arr[idx], arr[idx + 1] repeated over 32 words (one 32-bit broadcast load): the
+    activation side of an outer-product ``dpbf16`` (16 output rows per vector, one k-pair per step)."""
+    if not isinstance(arr, types.Array) or arr.dtype != types.uint16:
+        return None
+    sig = V32u16(arr, idx)
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        i = context.cast(builder, args[1], sig.args[1], types.intp)
+        p = builder.bitcast(builder.gep(ary.data, [i]), _I32.as_pointer())
+        x = builder.load(p, align=1)
+        v16 = ir.VectorType(_I32, 16)
+        v = builder.insert_element(ir.Constant(v16, ir.Undefined), x, ir.Constant(_I32, 0))
+        v = builder.shuffle_vector(v, ir.Constant(v16, ir.Undefined), ir.Constant(v16, [0] * 16))
+        return builder.bitcast(v, _llty(V32u16))
+    return sig, codegen
+
+
+def _transpose_masks():
+    """Masks of a 16 x 16 32-bit transpose in 4 stages of two-source shuffles: stage b exchanges bit b of the
+    vector index with bit b of the lane index between vectors i and i | 2^b."""
+    stages = []
+    for b in range(4):
+        bit = 1 << b
+        lo = [l if not l & bit else 16 + (l ^ bit) for l in range(16)]
+        hi = [16 + l if l & bit else (l ^ bit) for l in range(16)]
+        stages.append((bit, lo, hi))
+    return stages
+
+
+_TRANSPOSE = _transpose_masks()
+
+
+@intrinsic
+def store_transpose16_u32(typingctx, arr, idx, v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14,
+                          v15):
+    """Transpose 16 vectors of 16 32-bit lanes (passed as 32 x uint16) and store them: lane r of stored vector p
+    is lane p of input r; stored vector p goes to arr[idx + 32 p .. + 32] (uint16 units)."""
+    vs = (v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15)
+    if not isinstance(arr, types.Array) or arr.dtype != types.uint16 or any(v != V32u16 for v in vs):
+        return None
+    sig = types.void(arr, idx, *vs)
+
+    def codegen(context, builder, sig, args):
+        v16 = ir.VectorType(_I32, 16)
+        cur = [builder.bitcast(a, v16) for a in args[2:]]
+        for bit, lo, hi in _TRANSPOSE:
+            nxt = list(cur)
+            for i in range(16):
+                if i & bit:
+                    continue
+                j = i | bit
+                nxt[i] = builder.shuffle_vector(cur[i], cur[j], ir.Constant(v16, lo))
+                nxt[j] = builder.shuffle_vector(cur[i], cur[j], ir.Constant(v16, hi))
+            cur = nxt
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        base = context.cast(builder, args[1], sig.args[1], types.intp)
+        for q in range(16):
+            off = builder.add(base, ir.Constant(base.type, 32 * q))
+            ptr = builder.bitcast(builder.gep(ary.data, [off]), v16.as_pointer())
+            builder.store(cur[q], ptr, align=1)
+        return context.get_dummy_value()
+    return sig, codegen
 
 
 @intrinsic
