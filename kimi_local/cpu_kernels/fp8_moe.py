@@ -848,37 +848,38 @@ def _moe_fast(w1, w3, w2, s1, s3, s2, D, I, x, uniq, start, ptok, pw, nsplit, tb
                                 for r in range(16):
                                     dst[i + j, g16 * 16 + r] += res[j * 16 + r]
                             i += nj
-            ng = 0                             # done: skip the 4-row groups below
-        elif gemm:
-            wbuf = np.empty(4 * KBC * 64, np.uint16)
-            res = np.empty(16, np.float32)
-        for gi in range(ng):
-            base = (r0 + gi * 4) * Dp
-            for m in range(2):
-                wm = w1 if m == 0 else w3
-                dst = g if m == 0 else uu
-                xbase = m * ne * nsplit * Dp
-                if not gemm:
-                    for i in range(ne):
-                        v0, v1, v2, v3 = _gemv4(wm[e], base, nchD, xs, xbase + i * nsplit * Dp, nsplit, tbl)
-                        dst[i, gi * 4] = v0
-                        dst[i, gi * 4 + 1] = v1
-                        dst[i, gi * 4 + 2] = v2
-                        dst[i, gi * 4 + 3] = v3
-                else:
-                    for i in range(ne):
-                        for r in range(4):
-                            dst[i, gi * 4 + r] = 0.0
-                    for c0 in range(0, nchD, KBC):   # K blocks: the decoded tile stays in L1
-                        nc = min(KBC, nchD - c0)
-                        _decode_group(wm[e], base, c0, nc, tbl, wbuf)
-                        i = 0
-                        while i < ne:
-                            nj = _gemm_tiles(wbuf, nc * 64, xs, xbase + c0 * 64, nsplit * Dp, Dp, ne, nsplit, res, i)
-                            for j in range(nj):           # token j's 4 rows: contiguous on both sides
-                                for r in range(4):
-                                    dst[i + j, gi * 4 + r] += res[j * 4 + r]
-                            i += nj
+        else:                                  # 4-row groups: GEMV, or 4 x 4 dot-product tiles
+            if gemm:
+                wbuf = np.empty(4 * KBC * 64, np.uint16)
+                res = np.empty(16, np.float32)
+            for gi in range(ng):
+                base = (r0 + gi * 4) * Dp
+                for m in range(2):
+                    wm = w1 if m == 0 else w3
+                    dst = g if m == 0 else uu
+                    xbase = m * ne * nsplit * Dp
+                    if not gemm:
+                        for i in range(ne):
+                            v0, v1, v2, v3 = _gemv4(wm[e], base, nchD, xs, xbase + i * nsplit * Dp, nsplit, tbl)
+                            dst[i, gi * 4] = v0
+                            dst[i, gi * 4 + 1] = v1
+                            dst[i, gi * 4 + 2] = v2
+                            dst[i, gi * 4 + 3] = v3
+                    else:
+                        for i in range(ne):
+                            for r in range(4):
+                                dst[i, gi * 4 + r] = 0.0
+                        for c0 in range(0, nchD, KBC):   # K blocks: the decoded tile stays in L1
+                            nc = min(KBC, nchD - c0)
+                            _decode_group(wm[e], base, c0, nc, tbl, wbuf)
+                            i = 0
+                            while i < ne:
+                                nj = _gemm_tiles(wbuf, nc * 64, xs, xbase + c0 * 64, nsplit * Dp, Dp, ne, nsplit,
+                                                 res, i)
+                                for j in range(nj):           # token j's 4 rows: contiguous on both sides
+                                    for r in range(4):
+                                        dst[i + j, gi * 4 + r] += res[j * 4 + r]
+                                i += nj
         hrow = np.empty(nr, np.float32)
         for i in range(ne):
             for r in range(nr):                    # vectorised: silu(g) * u
