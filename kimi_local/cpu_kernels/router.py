@@ -62,17 +62,12 @@ def _select_row(s, bias, has_bias, n_group, topk_group, group_mode, k, norm, sca
         choice[j] = s[j] + bias[j] if has_bias else s[j]
     if n_group > 1:
         gsz = E // n_group
+        top = 1 if group_mode == GROUP_MAX else 2
         for g in range(n_group):
-            if group_mode == GROUP_MAX:
-                m = 0
-                for j in range(g * gsz, (g + 1) * gsz):
-                    m = _insert(vals, ids, m, 1, choice[j], j)
-                gscore[g] = vals[0]
-            else:
-                m = 0
-                for j in range(g * gsz, (g + 1) * gsz):
-                    m = _insert(vals, ids, m, 2, choice[j], j)
-                gscore[g] = vals[0] + vals[1] if m == 2 else vals[0]
+            m = 0
+            for j in range(g * gsz, (g + 1) * gsz):
+                m = _insert(vals, ids, m, top, choice[j], j)
+            gscore[g] = vals[0] + vals[1] if m == 2 else vals[0]
         m = 0
         for g in range(n_group):
             m = _insert(gv, gi, m, topk_group, gscore[g], g)

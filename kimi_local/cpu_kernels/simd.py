@@ -25,7 +25,8 @@ __all__ = [
     "load_u8x64", "load_u16x32", "load_f32x16", "store_f32x16", "store_u16x16", "store_u8x64", "load_u64x8",
     "zero_f32x16", "splat_f32x16", "splat_u8x64", "zero_u64x8",
     "and_u8x64", "or_u8x64", "add_u8x64", "perm2_u8x64", "unpacklo_u8_to_u16", "unpackhi_u8_to_u16",
-    "dpbf16", "bcast2_u16x32", "store_transpose16_u32", "cvt_f32_bf16", "bf16_to_f32", "add_f32x16", "sub_f32x16", "mul_f32x16", "max_f32x16",
+    "dpbf16", "bcast2_u16x32", "store_transpose16_u32", "cvt_f32_bf16", "bf16_to_f32",
+    "add_f32x16", "sub_f32x16", "mul_f32x16", "max_f32x16",
     "hsum_f32x16", "hsum16_f32x16", "bitcast_u32_f32", "bitcast_f32_u32", "add_u64x8", "xor_u64x8", "hsum_u64x8", "prefetch", "prefetch_l2",
 ]
 
