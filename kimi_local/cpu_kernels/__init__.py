@@ -1,5 +1,6 @@
-"""CPU kernels: Numba block-FP8 routed-expert compute (fp8_moe), RMSNorm for small batches (norm), the
-router's top-k selection (router), MLA decode attention (attention), the benchmark (bench) and the DRAM read-bandwidth ceiling (membw)."""
+"""CPU kernels: Numba block-FP8 routed-expert compute (fp8_moe), MLA attention cores (attention), the router's
+top-k selection (router), RMSNorm for small batches (norm), shared math (mathf) and intrinsics (simd), the
+benchmark (bench) and the DRAM read-bandwidth ceiling (membw)."""
 
 import glob as _glob
 import hashlib as _hashlib
