@@ -355,8 +355,25 @@ class _Fast:
         return causal_prefill(q_nope[0], q_pe[0], kvb[0], pe_all[0], start_pos, a.softmax_scale)[None]
 
 
+def warmup(dtype: torch.dtype) -> None:
+    """Compile (or load from Numba's cache) both cores for ``dtype`` activations on tiny shapes, so that a fresh
+    install compiles at model load and never on the first prompt or token."""
+    H, nope, R, C, dv = 2, 8, 8, 32, 8
+    q = torch.zeros(H, nope + R, dtype=dtype)
+    args = (_np(q), _np(torch.zeros(C, dtype=dtype)), _np(torch.zeros(R, dtype=dtype)),
+            np.ones((R // 2, 2), np.float32), np.zeros((4, C + R), np.float32), 1,
+            np.zeros((H, nope + dv, C), np.float32), nope, dv, np.float32(1.0), np.empty((H, dv), np.float32))
+    _decode_serial(*args)
+    _decode_parallel(*args)
+    z = torch.zeros
+    causal_prefill(z(3, H, nope), z(3, H, R), z(3, H, nope + dv), z(3, R), 0, 1.0)
+
+
 def install(model: torch.nn.Module) -> int:
-    """Give every MLA of ``model`` the Numba attention cores; returns how many got them."""
+    """Give every MLA of ``model`` the Numba attention cores (compiled now); returns how many got them."""
     from kimi_local.cpu_kernels import install_fast
     from kimi_local.model import MLA
-    return install_fast(model, MLA, _Fast)
+    n = install_fast(model, MLA, _Fast)
+    if n:
+        warmup(next(model.parameters()).dtype)
+    return n

@@ -166,8 +166,21 @@ class _Fast:
         return select(scores, bias, self.n_group, self.topk_group, self.group_mode, self.k, self.norm, self.scale)
 
 
+def warmup() -> None:
+    """Compile (or load from Numba's cache) the serial and parallel selection on a tiny input, so that a fresh
+    install compiles at model load and never on the first prompt or token."""
+    s = np.zeros((2, 8), np.float32)
+    a = (s, np.zeros(8, np.float32), True, 2, 1, GROUP_TOP2_SUM, 2, True, np.float32(1.0),
+         np.empty((2, 2), np.int64), np.empty((2, 2), np.float32))
+    _rows(*a, 0, 2)
+    _rows_parallel(*a, 1)
+
+
 def install(model: torch.nn.Module) -> int:
-    """Give every router (Gate) of ``model`` the Numba selection; returns how many got it."""
+    """Give every router (Gate) of ``model`` the Numba selection (compiled now); returns how many got it."""
     from kimi_local.cpu_kernels import install_fast
     from kimi_local.model import Gate
-    return install_fast(model, Gate, _Fast)
+    n = install_fast(model, Gate, _Fast)
+    if n:
+        warmup()
+    return n
