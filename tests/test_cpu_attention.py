@@ -154,17 +154,18 @@ def test_prefill_result_does_not_depend_on_thread_count():
 
 
 def test_loader_compiles_the_cores_before_the_first_token(tiny_dir):
-    """A fresh process that only loads the model already holds the compiled attention and router kernels (from
+    """A fresh process that only loads the model already holds the compiled attention, router and norm kernels (from
     Numba's cache or compiled then): the first prompt and token never wait for a compile."""
     import json
     import subprocess
     import sys
     code = ("import json, sys\n"
             "from kimi_local.checkpoint import load_model\n"
-            "from kimi_local.cpu_kernels import attention, router\n"
+            "from kimi_local.cpu_kernels import attention, norm, router\n"
             "load_model(sys.argv[1])\n"
             "print(json.dumps({f.__name__: len(f.signatures) for f in (attention._decode_serial,\n"
-            "    attention._decode_parallel, attention._causal, router._rows, router._rows_parallel)}))\n")
+            "    attention._decode_parallel, attention._causal, router._rows, router._rows_parallel,\n"
+            "    norm._rms_bf16, norm._rms_f32)}))\n")
     out = subprocess.run([sys.executable, "-c", code, tiny_dir], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     counts = json.loads(out.stdout.strip().splitlines()[-1])
