@@ -15,11 +15,7 @@ def _pair(dim, eps=1e-6, seed=0):
     fast = RMSNorm(dim, eps)
     fast.load_state_dict(ref.state_dict())
 
-    class Holder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.n = fast
-    assert install(Holder()) == 1 and fast.fast is not None
+    assert install(torch.nn.ModuleList([fast])) == 1 and fast.fast is not None
     return ref, fast
 
 

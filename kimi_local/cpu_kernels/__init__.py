@@ -6,6 +6,9 @@ import glob as _glob
 import hashlib as _hashlib
 import os as _os
 
+import numpy as _np
+import torch as _torch
+
 
 _SHARED = ("simd.py", "mathf.py")
 _KERNEL_MODULES = ("fp8_moe.", "membw.", "norm.", "attention.", "router.", "mathf.")
@@ -46,6 +49,13 @@ def _drop_stale_numba_caches() -> None:
 
 
 _drop_stale_numba_caches()
+
+
+def as_numpy(t):
+    """A CPU tensor's memory as a numpy array, bf16 as its uint16 bits (a view: nothing is copied)."""
+    if t.dtype == _torch.bfloat16:
+        return t.view(_torch.int16).numpy().view(_np.uint16)
+    return t.numpy()
 
 
 def install_fast(model, module_type, make) -> int:

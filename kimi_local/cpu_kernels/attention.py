@@ -31,6 +31,7 @@ import torch
 from numba import njit, prange, types
 from numba.extending import overload
 
+from . import as_numpy
 from .fp8_moe import get_num_threads, kernel_threads
 from .mathf import exp_f32
 from .simd import (add_f32x16, bitcast_u32_f32, load_f32x16, max_f32x16, mul_f32x16, splat_f32x16, store_f32x16,
@@ -292,11 +293,8 @@ def causal_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, kvb: torch.Tensor, 
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
-    """A CPU tensor's memory as numpy (bf16 as its uint16 bits), no copy when contiguous."""
-    t = t.detach().contiguous()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(np.uint16)
-    return t.numpy()
+    """A CPU tensor as a C-contiguous numpy array (bf16 as its uint16 bits), no copy when contiguous."""
+    return as_numpy(t.detach().contiguous())
 
 
 def mla_decode(q: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, rot: torch.Tensor, kvpe: torch.Tensor,

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from numba import njit
 
+from . import as_numpy
 from .simd import bitcast_f32_u32, bitcast_u32_f32
 
 __all__ = ["rms_norm", "install", "MAX_ROWS"]
@@ -70,12 +71,11 @@ def rms_norm(x: torch.Tensor, weight_f32: np.ndarray, eps: float) -> torch.Tenso
     """RMSNorm of a bf16 or float32 CPU tensor [..., D] with a float32 numpy weight [D] (same dtype out).
     Works on numpy views of the tensor's memory (torch's own per-call costs are what this avoids)."""
     d = x.shape[-1]
+    xa = as_numpy(x)
     if x.dtype == torch.bfloat16:
-        xa = x.view(torch.int16).numpy().view(np.uint16)
         o = np.empty(xa.shape, np.uint16)
         _rms_bf16(xa.reshape(-1, d), weight_f32, np.float32(eps), o.reshape(-1, d))
         return torch.from_numpy(o.view(np.int16)).view(torch.bfloat16)
-    xa = x.numpy()
     o = np.empty(xa.shape, np.float32)
     _rms_f32(xa.reshape(-1, d), weight_f32, np.float32(eps), o.reshape(-1, d))
     return torch.from_numpy(o)
