@@ -132,14 +132,14 @@ def test_set_slot_validation():
     assert p.nbytes >= 3 * D * I and (p.n_slots, p.hidden, p.inter, p.block) == (2, D, I, (128, 128))
 
 
-@pytest.mark.parametrize("shape", [(128, 256), (130, 200), (7, 63), (4, 64), (576, 7168 // 8)])
+@pytest.mark.parametrize("shape", [(128, 256), (130, 200), (7, 63), (4, 64), (16, 64), (33, 136), (576, 7168 // 8)])
 def test_fused_pack_matches_numpy_pack(shape):
     """The one-pass Numba pack + NaN count equals the numpy reference layout, padding zeroed even in a
-    dirty destination, and counts every NaN code."""
+    dirty destination, and counts every NaN code (inside the vector regions and on the edges)."""
     rng = np.random.default_rng(shape[0] * 7 + shape[1])
     q = _rand_q(rng, shape)
     R, C = shape
-    n = -(-R // m.RG) * m.RG * (-(-C // m.CHUNK) * m.CHUNK)
+    n = -(-R // m.RG) * m.RG * (-(-C // m.KALIGN) * m.KALIGN)
     ref, got = np.zeros(n, np.uint8), np.full(n, 0xAB, np.uint8)
     m._pack_matrix(q, ref)
     assert m._pack_count_nan(q, got) == 0
@@ -147,6 +147,24 @@ def test_fused_pack_matches_numpy_pack(shape):
     np.testing.assert_array_equal(m._unpack_matrix(got, R, C), q)
     q[0, 0], q[-1, -1] = 0x7F, 0xFF
     assert m._pack_count_nan(q, got) == (2 if q.size > 1 else 1)
+    if R >= 16 and C >= 64:
+        q[5, 37] = 0x7F                      # inside a vector-packed region
+        assert m._pack_count_nan(q, got) == 3
+
+
+def test_packed_block_layout():
+    """Byte b = 16 L + 8 h + 2 j + e of block (g, c) holds row 16 g + 4 L + j, column 4 c + 2 h + e: the order in
+    which vpunpck[lh]bw of the decoded bytes yields two dot-product operands whose 32-bit lanes are the 16 rows."""
+    R, C = 32, 16
+    rows, cols = np.meshgrid(np.arange(R), np.arange(C), indexing="ij")
+    q = (rows * C + cols).astype(np.int64)          # each element's own index (as int64: > 255)
+    out = np.empty(R * C, np.int64)
+    m._pack_matrix(q, out)
+    for g in range(R // 16):
+        for c in range(C // 4):
+            for b in range(64):
+                L, h, j, e = b >> 4, (b >> 3) & 1, (b >> 1) & 3, b & 1
+                assert out[(g * (C // 4) + c) * 64 + b] == (16 * g + 4 * L + j) * C + 4 * c + 2 * h + e
 
 
 def test_allocate_uses_alloc():
@@ -167,6 +185,8 @@ def test_allocate_uses_alloc():
     (200, 130, 5, 3, 2),      # not multiples of 128 (partial blocks, partial chunks)
     (384, 320, 6, 17, 4),     # mixed: GEMV and GEMM experts in one call
     (136, 72, 3, 512, 3),     # many tokens per expert, odd sizes
+    (192, 160, 12, 40, 4),    # the tiny model's shape
+    (1100, 300, 4, 30, 4),    # several row and scale blocks, partial 16-row group (300 = 18 x 16 + 12)
 ])
 def test_moe_vs_reference(backend, D, I, n, T, k):
     rng = np.random.default_rng(D * 1000 + T)
@@ -177,31 +197,24 @@ def test_moe_vs_reference(backend, D, I, n, T, k):
     _check(p, x, slots, w, backend)
 
 
-@pytest.mark.skipif(not FAST, reason="the two GEMM tile kinds exist on the AVX-512 BF16 path only")
-@pytest.mark.parametrize("outer", [True, False], ids=["outer-product", "dot-product"])
-@pytest.mark.parametrize("D,I,n,T", [
-    (192, 160, 12, 40),      # the tiny model's shape (outer-product by default)
-    (200, 40, 6, 23),        # 10 row groups: the last 16-row tile has 2 of its 4 groups
-    (136, 72, 4, 9),         # odd sizes, 3..8 tokens per expert (both token-tile widths)
-    (1100, 300, 4, 30),      # more than one outer-product K block
-])
-def test_gemm_tile_kinds_match_reference(monkeypatch, outer, D, I, n, T):
-    """The outer-product tiles (16 rows per vector, small models) and the dot-product tiles (4 x 4, the rest)
-    both match the torch twin, whichever the shape would pick, in both precisions."""
-    monkeypatch.setattr(m, "_op_mode", outer)
-    rng = np.random.default_rng(D + I + T)
+@pytest.mark.skipif(not FAST, reason="the token tiles exist on the AVX-512 BF16 path only")
+@pytest.mark.parametrize("per_expert", [1, 2, 3, 4, 5, 8, 9, 12, 13, 16, 17, 20, 33])
+def test_every_token_tile_width(per_expert):
+    """Each expert gets exactly ``per_expert`` tokens, so every tile width (1, 2, 4, 8, 12, 16, their partly
+    used forms, and 16-wide tiles followed by a remainder) is exercised, in both precisions, over several row
+    blocks and scale blocks."""
+    rng = np.random.default_rng(per_expert)
+    D, I, n, k = 272, 144, 4, 2
     p = _make(rng, n, D, I)
-    x, slots, w = _inputs(rng, n, D, T, 4)
+    T = per_expert * n // k
+    x = rng.standard_normal((T, D)).astype(np.float32)
+    slots = ((k * np.arange(T)[:, None] + np.arange(k)[None, :]) % n).astype(np.int32)
+    assert np.all(np.bincount(slots.ravel(), minlength=n) == per_expert)
+    w = rng.random((T, k)).astype(np.float32)
+    ref = m.moe_forward_ref(p, x, slots, w)
     for prec, tol in (("bf16x2", 2e-5), ("bf16", 1.5e-2)):
-        ref = m.moe_forward_ref(p, x, slots, w)
         got = m.moe_forward(p, x, slots, w, precision=prec)
         assert np.abs(got - ref).max() <= tol * np.abs(ref).max(), (prec, np.abs(got - ref).max())
-
-
-def test_outer_product_tiles_only_for_small_shapes():
-    assert m.use_outer_product(m.PackedExperts.allocate(1, 192, 160))
-    assert not m.use_outer_product(m.PackedExperts.allocate(1, 7168, 2048))
-    assert not m.use_outer_product(m.PackedExperts.allocate(1, 512, 384))
 
 
 def test_skew_unused_and_skipped(backend):
@@ -463,23 +476,3 @@ def test_expert_precision_flag(tiny_dir):
             p.parse_args(["--expert-precision", "fp8"])
     finally:
         apply_expert_precision("auto")
-
-
-def test_sixteen_way_horizontal_sum():
-    """simd.hsum16_f32x16: lane k of the result is the sum of input vector k (the GEMM tiles' epilogue)."""
-    from numba import njit
-    from kimi_local.cpu_kernels.simd import hsum16_f32x16, load_f32x16, store_f32x16
-
-    @njit
-    def run(a, out):
-        store_f32x16(out, 0, hsum16_f32x16(
-            load_f32x16(a, 0), load_f32x16(a, 16), load_f32x16(a, 32), load_f32x16(a, 48),
-            load_f32x16(a, 64), load_f32x16(a, 80), load_f32x16(a, 96), load_f32x16(a, 112),
-            load_f32x16(a, 128), load_f32x16(a, 144), load_f32x16(a, 160), load_f32x16(a, 176),
-            load_f32x16(a, 192), load_f32x16(a, 208), load_f32x16(a, 224), load_f32x16(a, 240)))
-
-    a = np.random.default_rng(4).standard_normal(256).astype(np.float32)
-    a[17] = 1e30                                   # a large term stays in its own lane
-    out = np.zeros(16, np.float32)
-    run(a, out)
-    np.testing.assert_allclose(out, a.reshape(16, 16).astype(np.float64).sum(1), rtol=1e-6, atol=1e-5)

@@ -4,51 +4,47 @@ One call, :func:`moe_forward`, computes a MoE layer's routed experts for a batch
 
     out[t] = sum_k weights[t, k] * W2_e (silu(W1_e x_t) * (W3_e x_t)),   e = slots[t, k]   (slot -1 = skip)
 
-directly from the checkpoint's FP8 bytes: nothing is converted offline and no dequantised copy of a weight
-matrix is ever kept -- weights are decoded in registers (decode / GEMV path) or into a per-thread tile of a few
-rows (prefill / GEMM path) and used at once.
+directly from the checkpoint's FP8 bytes: nothing is converted to a wider type offline and no dequantised copy of
+a weight matrix is ever kept -- weights are decoded in registers and used at once.
 
 Design (issue 4, "CPU expert kernels"):
 
-* **Layout.** :class:`PackedExperts` repacks each projection at load into *row-group-major* tiles: groups of
-  ``RG`` = 4 rows, and inside a group, for every 64-column chunk, the 4 rows' 64 bytes back to back.  A block of
-  128 rows is therefore one contiguous stream and the kernel reads 4 rows per x load.  Rows are zero-padded to a
-  multiple of 4 and columns to a multiple of 64; padded bytes decode to +0 and never reach an output.
-* **Scales on the activation side.** The scale of weight block (rb, cb) multiplies the activation chunk instead
-  of the weights: for every 128-row block the kernel builds ``xs = x * scale_inv[rb, col // 128]`` once (1/128 of
-  the multiply-adds) and the inner loop is then pure decode + dot product.
+* **Layout.** :class:`PackedExperts` permutes each projection's bytes once, at load, into *16-row blocks*: groups
+  of ``RG`` = 16 rows, and inside a group one 64-byte block per 4 columns holding those 16 rows x 4 columns.  The
+  byte order inside a block is chosen so that the decode below turns one 512-bit load straight into two
+  ``vdpbf16ps`` operands whose 16 lanes are the 16 rows and whose two words are a column pair -- no transposes
+  at run time.  A group's blocks are one contiguous stream (16 rows x K bytes), and so is a whole matrix.  Rows
+  are zero-padded to a multiple of 16 and columns to a multiple of ``KALIGN`` = 8; padded bytes decode to +0
+  and never reach an output.
+* **Outer products.** A 16-row group times a tile of up to 16 tokens keeps one float32 accumulator vector per
+  token in registers for the whole reduction: each 64-byte block is decoded once and multiplied by every token's
+  broadcast activation pair (``bcast2_u16x32``).  Each accumulator ends as 16 finished outputs, stored with one
+  vector: no horizontal sums, no decoded tile in memory.  Token tiles are 16, 12, 8 or 4 wide (a tile's unused
+  columns repeat its last token: computed, never used), with 2- and 1-token versions (the 1-token GEMV keeps four
+  accumulators to hide the dot-product latency).  A prefill gives each K2 expert ~11 tokens: one 12-wide tile
+  reads the weights once from DRAM and runs at ~90% of the core's ``vdpbf16ps`` peak; a decode streams them
+  through the GEMV at DRAM speed.
+* **Scales on the activation side.** The scale of weight block (rb, cb) multiplies the activations instead of the
+  weights: for every 128-row block the kernel builds ``xs = x * scale_inv[rb, col // 128]`` once per token (1/128
+  of the multiply-adds), so the inner loop is pure decode + dot product.
 * **Decode (fast path, AVX-512 VBMI + BF16).** e4m3 -> bf16 is *exact* for every finite e4m3 value, subnormals
   included (they become normal bf16 numbers, so neither FTZ/DAZ nor vdpbf16ps' denormal flushing can touch
   them).  Two ``vpermi2b`` 128-entry byte tables give the bf16 high and low bytes of 64 weights at once, the
-  sign bit is OR-ed in, ``vpunpck[lh]bw`` interleaves them into 2x32 bf16 words and ``vdpbf16ps`` multiplies
-  them with the activation chunk (whose order is permuted once per call to match the unpack order).
-  Activations are split as ``xs = hi + lo`` (two bf16) in ``"bf16x2"`` precision (about 16 significant bits,
-  float32-like), or rounded to one bf16 in ``"bf16"`` precision (half the dot products; the rounding a bf16
-  model applies to its activations anyway).  Products are exact and accumulate in float32.  The expert
-  backends pick the precision from the model's activation dtype (:func:`precision_for`): bf16 models (the
-  default) run ``"bf16"``, float32 models ``"bf16x2"``; :func:`set_precision` overrides both.
+  sign bit is OR-ed in, and ``vpunpck[lh]bw`` interleaves them into the two operands.  Activations are split as
+  ``xs = hi + lo`` (two bf16) in ``"bf16x2"`` precision (about 16 significant bits, float32-like), or rounded
+  to one bf16 in ``"bf16"`` precision (half the dot products; the rounding a bf16 model applies to its
+  activations anyway).  Products are exact and accumulate in float32.  The expert backends pick the precision
+  from the model's activation dtype (:func:`precision_for`): bf16 models (the default) run ``"bf16"``, float32
+  models ``"bf16x2"``; :func:`set_precision` overrides both.
 * **Portable path** (any x86-64 / other CPU): bit-shift decode to float32 -- magnitude << 20 with the
   e4m3->fp32 exponent bias (120) *added* so that normal codes come out exact and subnormal codes are produced
   with the classic "+1 exponent, subtract 2^-6" fix-up; no float32 denormal is ever formed (FTZ/DAZ-safe).
 * **Work split.** Gate/up (fused: one task computes a 128-row block of both and writes silu(g)*u) are split
   over (expert, 128-row block) tasks; down over 128-row blocks of the output (each task loops over the
-  experts, so no two threads write the same output row).  Experts with few tokens stream their weights as a
-  GEMV (each 4-row group decoded once per token, straight from DRAM); experts with many tokens decode each 4-row
-  group once into a small bf16 buffer and run a 4-row x 4-token register-blocked GEMM over it.
-* **Small models: outer-product tiles.** With a reduction length of a few hundred (the tiny test models:
-  192 x 160), a 4 x 4 dot-product tile finishes each output after 6 k-steps and then spends as long on its
-  16-lane horizontal sums and the per-output scatter.  Those shapes (:func:`use_outer_product`, both sizes <=
-  ``OP_MAX_K``) decode 16 rows at a time, transpose them in registers into k-pair-major order (one ``dpbf16``
-  operand = 16 rows x one k-pair) and multiply by broadcast activation pairs of 8 (or 4) tokens: each
-  accumulator is 16 finished outputs, stored with one vector (~20% less expert time on the tiny model; slower
-  from ~512 on, where the transposes cost more than the sums they save).
+  experts, so no two threads write the same output row).
 * **Memory system.** The weight streams are software-prefetched ``PF_DIST`` bytes ahead *into L2*
-  (prefetcht2): L1 prefetches are limited by the L1 fill buffers and left the compute-heavy GEMV at ~0.5 of the
-  DRAM read ceiling on one core; L2 prefetches keep enough misses in flight to reach ~0.7.  The GEMM path works
-  in K blocks of ``KBC`` chunks so the decoded bf16 tile (4 x 2048 x 2 bytes) stays in L1 while all of the
-  expert's tokens use it, and tiles tokens 4 or 3 at a time so no token's dot products are computed twice.
-  In ``"bf16x2"`` precision the GEMM runs at about the vdpbf16ps throughput limit (two dot products per weight
-  and token); ``"bf16"`` halves that work.
+  (prefetcht2): L1 prefetches are limited by the L1 fill buffers and left the compute-light GEMV at ~0.5 of the
+  DRAM read ceiling on one core; L2 prefetches keep enough misses in flight to reach ~0.7-0.8.
 
 The plain torch twin :func:`moe_forward_ref` (dequantise then matmul, float32) is the verification oracle and
 the ``torch`` backend.
@@ -65,25 +61,26 @@ import time
 import numba
 import numpy as np
 from numba import njit, prange
+from numba.extending import intrinsic as _intrinsic
 
 from . import simd
 from .mathf import exp_f32 as _exp_f32
-from .simd import (add_f32x16, add_u8x64, and_u8x64, bcast2_u16x32, bf16_to_f32, bitcast_u32_f32, cvt_f32_bf16,
-                   dpbf16, hsum_f32x16, hsum16_f32x16, load_f32x16, load_u8x64, load_u16x32, mul_f32x16, or_u8x64,
-                   perm2_u8x64, prefetch_l2, splat_f32x16, splat_u8x64, store_f32x16, store_transpose16_u32,
-                   store_u8x64, store_u16x16, sub_f32x16, unpackhi_u8_to_u16, unpacklo_u8_to_u16, zero_f32x16)
+from .simd import (add_f32x16, add_u8x64, and_u8x64, as_u16x32, bcast2_u16x32, bf16_to_f32, bitcast_u32_f32,
+                   cvt_f32_bf16, dpbf16, load_f32x16, load_u8x64, mul_f32x16, or_u8x64, perm2_u8x64, prefetch_l2,
+                   splat_f32x16, splat_u8x64, store_f32x16, store_transpose16_u32, store_u8x64, store_u16x16,
+                   sub_f32x16, unpackhi_u8_to_u16, unpacklo_u8_to_u16, zero_f32x16)
 
 __all__ = ["PackedExperts", "moe_forward", "moe_forward_ref", "set_num_threads", "get_num_threads", "warmup",
            "set_precision", "get_precision", "precision_for", "fast_path_available", "e4m3_decode_table",
-           "RG", "CHUNK"]
+           "RG", "KALIGN"]
 
-RG = 4          # rows per group in the packed layout (= rows per GEMV / GEMM register block)
-CHUNK = 64      # columns per chunk (one 512-bit load of e4m3 bytes)
-NT = 4          # tokens per GEMM register block (3-token tiles fill in so that no token is computed twice)
-GEMM_MIN_TOKENS = 3   # an expert with at least this many tokens in a call takes the GEMM (tile reuse) path
-KBC = 32              # GEMM K block in 64-column chunks: the decoded 4 x 2048 bf16 tile (16 KiB) stays in L1
-KBC_OP = 16           # outer-product GEMM K block: the transposed 16 x 1024 bf16 tile (32 KiB)
-PF_DIST = 8192        # software-prefetch distance (bytes, into L2) of the weight streams (compile-time constant)
+RG = 16         # rows per group: one decoded vector = 16 rows x one column pair
+BLOCK_COLS = 4  # columns per 64-byte block (16 rows x 4 columns)
+KALIGN = 8      # columns are padded to a multiple of this (the GEMV reads two blocks per step)
+TILE = 16       # widest token tile (one accumulator vector per token, all in registers)
+PF_DIST = 8192  # software-prefetch distance (bytes, into L2) of the weight streams (compile-time constant)
+SB = 128        # scale block (rows and columns) of the fast path
+XPAD = 32       # spare words after each token's prepared activations (see _moe_fast)
 
 # fastmath without nnan/ninf: inf/NaN inputs (e.g. overflowing activations) propagate like in torch
 _FM = {"contract", "reassoc", "nsz", "arcp", "afn"}
@@ -115,15 +112,6 @@ def _bf16_byte_tables():
 
 
 _TBL_HI, _TBL_LO = _bf16_byte_tables()
-
-
-def _chunk_perm() -> np.ndarray:
-    """pos[j]: where activation element j of a 64-chunk goes so it meets weight j in vdpbf16ps after unpack."""
-    j = np.arange(64)
-    return np.where(j % 16 < 8, 0, 32) + 8 * (j // 16) + (j % 8)
-
-
-_POS = _chunk_perm().astype(np.int64)
 
 
 # ============================================================================================ threads / precision
@@ -215,64 +203,139 @@ def fast_path_available() -> bool:
 
 
 # ============================================================================================ packing
+def _padded(R: int, C: int) -> tuple[int, int]:
+    """Padded (rows, columns) of an R x C matrix in the packed layout."""
+    return _ceil(R, RG), _ceil(C, KALIGN)
+
+
 def _pack_matrix(q: np.ndarray, out: np.ndarray) -> None:
-    """q [R, C] uint8 -> out flat [Rp*Cp] in the row-group layout [R/RG][C/64][RG][64] (zero padding).
-    The plain numpy reference of :func:`_pack_count_nan`, which set_slot uses."""
+    """q [R, C] uint8 -> out flat in the 16-row block layout (zero padding): the plain numpy reference of
+    :func:`_pack_count_nan`, which set_slot uses.
+
+    Block (g, c) -- rows 16g..16g+15, columns 4c..4c+3 -- is the 64 bytes at (g * Cp/4 + c) * 64, and its byte
+    b = 16 L + 8 h + 2 j + e holds row 16g + 4L + j, column 4c + 2h + e: ``vpunpcklbw`` of the decoded bytes then
+    yields the words (row 4L + j, columns 4c, 4c + 1) in 32-bit lane 4L + j, and ``vpunpckhbw`` the pair
+    (4c + 2, 4c + 3) -- each a ``vdpbf16ps`` operand whose lanes are the 16 rows."""
     R, C = q.shape
-    Rp, Cp = _ceil(R, RG), _ceil(C, CHUNK)
+    Rp, Cp = _padded(R, C)
     if Rp == R and Cp == C:
         src = q
     else:
         src = np.zeros((Rp, Cp), np.uint8)
         src[:R, :C] = q
-    out.reshape(Rp // RG, Cp // CHUNK, RG, CHUNK)[...] = src.reshape(Rp // RG, RG, Cp // CHUNK, CHUNK).transpose(0, 2, 1, 3)
+    # src [g, L, j, c, h, e] -> out [g, c, L, h, j, e]
+    out.reshape(Rp // RG, Cp // 4, 4, 2, 4, 2)[...] = src.reshape(Rp // RG, 4, 4, Cp // 4, 2, 2).transpose(
+        0, 3, 1, 4, 2, 5)
+
+
+def _block_perm() -> tuple:
+    """Byte b of a packed block comes from byte t of the 16 x 4 block stored row-major (row r = 4L + j, column
+    2h + e at t = 4r + 2h + e): the in-lane shuffle applied after a 16 x 16 transpose of 32-bit words."""
+    perm = []
+    for b in range(64):
+        L, h, j, e = b >> 4, (b >> 3) & 1, (b >> 1) & 3, b & 1
+        perm.append(4 * (4 * L + j) + 2 * h + e)
+    return tuple(perm)
+
+
+_BLOCK_PERM = _block_perm()
+
+
+@_intrinsic
+def _block_shuffle(typingctx, v):
+    """Reorder one 64-byte row-major 16 x 4 block into the packed byte order (an in-lane byte shuffle)."""
+    from llvmlite import ir as _ir
+    if v != simd.V64u8:
+        return None
+    sig = simd.V64u8(v)
+
+    def codegen(context, builder, sig, args):
+        mask = _ir.Constant(_ir.VectorType(_ir.IntType(32), 64), list(_BLOCK_PERM))
+        return builder.shuffle_vector(args[0], args[0], mask)
+    return sig, codegen
 
 
 @njit(nogil=True, cache=True)
 def _pack_count_nan(q, out):
-    """_pack_matrix and the e4m3 NaN-code count in one pass over q (no temporaries); returns the count.
-    Whole 64-byte chunks move as one 512-bit load/store and are screened with ((b & 0x7F) + 1) & 0x80, which
-    is set exactly for the NaN codes 0x7F / 0xFF (plain LLVM vector ops: any x86-64).  nogil: the loader
-    packs experts from several threads at once."""
+    """_pack_matrix and the e4m3 NaN-code count in one pass over q; returns the count.  Whole 16-row x 64-column
+    regions move as 16 512-bit loads, a 16 x 16 transpose of 32-bit words and 16 in-lane byte shuffles (plain
+    LLVM vector ops: any x86-64), and are screened with ((b & 0x7F) + 1) & 0x80, which is set exactly for the
+    NaN codes 0x7F / 0xFF; edges go byte by byte.  nogil: the loader packs experts from several threads at
+    once."""
     R, C = q.shape
-    nch = (C + CHUNK - 1) // CHUNK
-    ngr = (R + RG - 1) // RG
-    full = C // CHUNK
+    Rp = (R + RG - 1) // RG * RG
+    Cp = (C + KALIGN - 1) // KALIGN * KALIGN
+    nb = Cp // 4                      # 64-byte blocks per row group
+    ngr = Rp // RG
+    full_r = R // RG                  # row groups with all 16 rows present
+    full_c = C // 64                  # 64-column regions with all columns present
     flat = q.ravel()
+    tmp = np.empty(512, np.uint16)
+    tmp8 = tmp.view(np.uint8)
     m7 = splat_u8x64(0x7F)
     one = splat_u8x64(1)
     acc = and_u8x64(m7, splat_u8x64(0))
     bad = 0
     for g in range(ngr):
-        for r in range(RG):
-            row = g * RG + r
-            for c in range(nch):
-                o = ((g * nch + c) * RG + r) * CHUNK
-                if row < R and c < full:
-                    v = load_u8x64(flat, row * C + c * CHUNK)
-                    acc = or_u8x64(acc, add_u8x64(and_u8x64(v, m7), one))
-                    store_u8x64(out, o, v)
-                    continue
-                c0 = c * CHUNK
-                n = min(CHUNK, C - c0) if row < R else 0
-                for j in range(n):
-                    b = q[row, c0 + j]
-                    bad += (b & 0x7F) == 0x7F
-                    out[o + j] = b
-                for j in range(n, CHUNK):
-                    out[o + j] = 0
-    lanes = np.empty(CHUNK, np.uint8)
+        c_vec = full_c if g < full_r else 0
+        for c in range(c_vec):
+            o = g * RG * C + c * 64
+            v0 = load_u8x64(flat, o)
+            v1 = load_u8x64(flat, o + C)
+            v2 = load_u8x64(flat, o + 2 * C)
+            v3 = load_u8x64(flat, o + 3 * C)
+            v4 = load_u8x64(flat, o + 4 * C)
+            v5 = load_u8x64(flat, o + 5 * C)
+            v6 = load_u8x64(flat, o + 6 * C)
+            v7 = load_u8x64(flat, o + 7 * C)
+            v8 = load_u8x64(flat, o + 8 * C)
+            v9 = load_u8x64(flat, o + 9 * C)
+            v10 = load_u8x64(flat, o + 10 * C)
+            v11 = load_u8x64(flat, o + 11 * C)
+            v12 = load_u8x64(flat, o + 12 * C)
+            v13 = load_u8x64(flat, o + 13 * C)
+            v14 = load_u8x64(flat, o + 14 * C)
+            v15 = load_u8x64(flat, o + 15 * C)
+            a = or_u8x64(or_u8x64(or_u8x64(add_u8x64(and_u8x64(v0, m7), one), add_u8x64(and_u8x64(v1, m7), one)),
+                                  or_u8x64(add_u8x64(and_u8x64(v2, m7), one), add_u8x64(and_u8x64(v3, m7), one))),
+                         or_u8x64(or_u8x64(add_u8x64(and_u8x64(v4, m7), one), add_u8x64(and_u8x64(v5, m7), one)),
+                                  or_u8x64(add_u8x64(and_u8x64(v6, m7), one), add_u8x64(and_u8x64(v7, m7), one))))
+            b = or_u8x64(or_u8x64(or_u8x64(add_u8x64(and_u8x64(v8, m7), one), add_u8x64(and_u8x64(v9, m7), one)),
+                                  or_u8x64(add_u8x64(and_u8x64(v10, m7), one), add_u8x64(and_u8x64(v11, m7), one))),
+                         or_u8x64(or_u8x64(add_u8x64(and_u8x64(v12, m7), one), add_u8x64(and_u8x64(v13, m7), one)),
+                                  or_u8x64(add_u8x64(and_u8x64(v14, m7), one), add_u8x64(and_u8x64(v15, m7), one))))
+            acc = or_u8x64(acc, or_u8x64(a, b))
+            # vector p of the transpose = the 16 rows' 4 bytes of columns 64c + 4p .. + 3, row-major
+            store_transpose16_u32(tmp, 0, as_u16x32(v0), as_u16x32(v1), as_u16x32(v2), as_u16x32(v3),
+                                  as_u16x32(v4), as_u16x32(v5), as_u16x32(v6), as_u16x32(v7), as_u16x32(v8),
+                                  as_u16x32(v9), as_u16x32(v10), as_u16x32(v11), as_u16x32(v12), as_u16x32(v13),
+                                  as_u16x32(v14), as_u16x32(v15))
+            ob = (g * nb + c * 16) * 64
+            for p in range(16):
+                store_u8x64(out, ob + 64 * p, _block_shuffle(load_u8x64(tmp8, 64 * p)))
+        for cb in range(c_vec * 16, nb):   # edge blocks, byte by byte
+            ob = (g * nb + cb) * 64
+            for b in range(64):
+                row = g * RG + 4 * (b >> 4) + ((b >> 1) & 3)
+                col = 4 * cb + 2 * ((b >> 3) & 1) + (b & 1)
+                if row < R and col < C:
+                    v = q[row, col]
+                    bad += (v & 0x7F) == 0x7F
+                    out[ob + b] = v
+                else:
+                    out[ob + b] = 0
+    lanes = np.empty(64, np.uint8)
     store_u8x64(lanes, 0, acc)
-    if np.any(lanes & 0x80):   # some full chunk held a NaN code: count them exactly
-        for row in range(R):
-            for j in range(full * CHUNK):
+    if np.any(lanes & 0x80):   # some vector region held a NaN code: count them exactly
+        for row in range(full_r * RG):
+            for j in range(full_c * 64):
                 bad += (q[row, j] & 0x7F) == 0x7F
     return bad
 
 
 def _unpack_matrix(flat: np.ndarray, R: int, C: int) -> np.ndarray:
-    Rp, Cp = _ceil(R, RG), _ceil(C, CHUNK)
-    return flat.reshape(Rp // RG, Cp // CHUNK, RG, CHUNK).transpose(0, 2, 1, 3).reshape(Rp, Cp)[:R, :C]
+    Rp, Cp = _padded(R, C)
+    return flat.reshape(Rp // RG, Cp // 4, 4, 2, 4, 2).transpose(0, 2, 4, 1, 3, 5).reshape(Rp, Cp)[:R, :C]
 
 
 def _ceil(n: int, m: int) -> int:
@@ -283,8 +346,8 @@ class PackedExperts:
     """FP8 weights of ``n_slots`` expert slots of one MoE layer, laid out for the kernels.
 
     Arrays (all allocated through ``alloc(shape, dtype)``):
-      w1, w3: uint8 [n_slots, Ip_rows * Dp]   gate / up, row-group layout (see module doc)
-      w2:     uint8 [n_slots, Dp_rows * Ip]   down
+      w1, w3: uint8 [n_slots, ceil16(I) * ceil8(D)]   gate / up, 16-row block layout (see module doc)
+      w2:     uint8 [n_slots, ceil16(D) * ceil8(I)]   down
       s1, s3: float32 [n_slots, ceil(I/b0), ceil(D/b1)];  s2: float32 [n_slots, ceil(D/b0), ceil(I/b1)]
     The scale grids are the checkpoint's ``weight_scale_inv`` (a multiply), unchanged.
     """
@@ -301,14 +364,14 @@ class PackedExperts:
         fill is skipped, so pages are first touched when a slot is written, not all up front."""
         block = tuple(int(b) for b in block)
         if block != (128, 128):
-            # the kernels assume the scale block covers whole 64-column chunks and 4-row groups
-            if block[1] % CHUNK or block[0] % RG:
-                raise ValueError(f"block {block}: columns must be a multiple of {CHUNK}, rows of {RG}")
+            # the portable kernel assumes the scale block covers whole 16-row groups and 8-column steps
+            if block[1] % KALIGN or block[0] % RG:
+                raise ValueError(f"block {block}: columns must be a multiple of {KALIGN}, rows of {RG}")
         if n_slots < 1 or hidden < 1 or inter < 1:
             raise ValueError(f"bad sizes n_slots={n_slots} hidden={hidden} inter={inter}")
         D, I = int(hidden), int(inter)
-        n13 = _ceil(I, RG) * _ceil(D, CHUNK)
-        n2 = _ceil(D, RG) * _ceil(I, CHUNK)
+        n13 = _ceil(I, RG) * _ceil(D, KALIGN)
+        n2 = _ceil(D, RG) * _ceil(I, KALIGN)
         g13 = (-(-I // block[0]), -(-D // block[1]))
         g2 = (-(-D // block[0]), -(-I // block[1]))
         w1 = alloc((n_slots, n13), np.uint8)
@@ -447,338 +510,237 @@ def _route(slots, weights, n_slots):
 # ============================================================================================ fast path (AVX-512)
 @njit(inline="always", **_NB_OPTS)
 def _dec(q, th0, th1, tl0, tl1, sg):
+    """64 packed e4m3 bytes -> the two bf16 operands of their block (16 rows x columns 4c, 4c+1 / 4c+2, 4c+3)."""
     hi = or_u8x64(perm2_u8x64(th0, q, th1), and_u8x64(q, sg))
     lo = perm2_u8x64(tl0, q, tl1)
     return unpacklo_u8_to_u16(lo, hi), unpackhi_u8_to_u16(lo, hi)
 
 
-@njit(**_NB_OPTS)
-def _gemv4(w, base, nch, xs, xoff, nsplit, tbl):
-    """Dot products of the 4 rows of the group at byte offset ``base`` (nch chunks) with the prepared bf16
-    activation xs[xoff : xoff + nch*64] (hi) and, when nsplit == 2, xs[xoff + Kp ...] (lo)."""
-    th0 = load_u8x64(tbl, 0)
-    th1 = load_u8x64(tbl, 64)
-    tl0 = load_u8x64(tbl, 128)
-    tl1 = load_u8x64(tbl, 192)
-    sg = splat_u8x64(0x80)
-    a0 = zero_f32x16()
-    a1 = zero_f32x16()
-    a2 = zero_f32x16()
-    a3 = zero_f32x16()
-    b0 = zero_f32x16()
-    b1 = zero_f32x16()
-    b2 = zero_f32x16()
-    b3 = zero_f32x16()
-    if nsplit == 2:
-        lo_off = xoff + nch * 64
-        for c in range(nch):
-            o = base + c * 256
-            xo = xoff + c * 64
-            xha = load_u16x32(xs, xo)
-            xhb = load_u16x32(xs, xo + 32)
-            xla = load_u16x32(xs, lo_off + c * 64)
-            xlb = load_u16x32(xs, lo_off + c * 64 + 32)
-            prefetch_l2(w, o + PF_DIST)
-            prefetch_l2(w, o + PF_DIST + 64)
-            prefetch_l2(w, o + PF_DIST + 128)
-            prefetch_l2(w, o + PF_DIST + 192)
-            A, B = _dec(load_u8x64(w, o), th0, th1, tl0, tl1, sg)
-            a0 = dpbf16(dpbf16(a0, A, xha), A, xla)
-            b0 = dpbf16(dpbf16(b0, B, xhb), B, xlb)
-            A, B = _dec(load_u8x64(w, o + 64), th0, th1, tl0, tl1, sg)
-            a1 = dpbf16(dpbf16(a1, A, xha), A, xla)
-            b1 = dpbf16(dpbf16(b1, B, xhb), B, xlb)
-            A, B = _dec(load_u8x64(w, o + 128), th0, th1, tl0, tl1, sg)
-            a2 = dpbf16(dpbf16(a2, A, xha), A, xla)
-            b2 = dpbf16(dpbf16(b2, B, xhb), B, xlb)
-            A, B = _dec(load_u8x64(w, o + 192), th0, th1, tl0, tl1, sg)
-            a3 = dpbf16(dpbf16(a3, A, xha), A, xla)
-            b3 = dpbf16(dpbf16(b3, B, xhb), B, xlb)
-    else:
-        for c in range(nch):
-            o = base + c * 256
-            xo = xoff + c * 64
-            xha = load_u16x32(xs, xo)
-            xhb = load_u16x32(xs, xo + 32)
-            prefetch_l2(w, o + PF_DIST)
-            prefetch_l2(w, o + PF_DIST + 64)
-            prefetch_l2(w, o + PF_DIST + 128)
-            prefetch_l2(w, o + PF_DIST + 192)
-            A, B = _dec(load_u8x64(w, o), th0, th1, tl0, tl1, sg)
-            a0 = dpbf16(a0, A, xha)
-            b0 = dpbf16(b0, B, xhb)
-            A, B = _dec(load_u8x64(w, o + 64), th0, th1, tl0, tl1, sg)
-            a1 = dpbf16(a1, A, xha)
-            b1 = dpbf16(b1, B, xhb)
-            A, B = _dec(load_u8x64(w, o + 128), th0, th1, tl0, tl1, sg)
-            a2 = dpbf16(a2, A, xha)
-            b2 = dpbf16(b2, B, xhb)
-            A, B = _dec(load_u8x64(w, o + 192), th0, th1, tl0, tl1, sg)
-            a3 = dpbf16(a3, A, xha)
-            b3 = dpbf16(b3, B, xhb)
-    return (hsum_f32x16(add_f32x16(a0, b0)), hsum_f32x16(add_f32x16(a1, b1)),
-            hsum_f32x16(add_f32x16(a2, b2)), hsum_f32x16(add_f32x16(a3, b3)))
-
-
-@njit(**_NB_OPTS)
-def _decode_group(w, base, c0, nc, tbl, wbuf):
-    """Decode chunks c0 .. c0+nc of the 4 rows of a group into wbuf[4, nc*64] bf16 words (unpack order), once
-    for all tokens.  Callers keep nc <= KBC so the tile (4 x KBC*64 x 2 bytes) stays in L1."""
-    th0 = load_u8x64(tbl, 0)
-    th1 = load_u8x64(tbl, 64)
-    tl0 = load_u8x64(tbl, 128)
-    tl1 = load_u8x64(tbl, 192)
-    sg = splat_u8x64(0x80)
-    K = nc * 64
-    for c in range(nc):
-        o = base + (c0 + c) * 256
-        prefetch_l2(w, o + PF_DIST)
-        prefetch_l2(w, o + PF_DIST + 64)
-        prefetch_l2(w, o + PF_DIST + 128)
-        prefetch_l2(w, o + PF_DIST + 192)
-        for r in range(4):
-            A, B = _dec(load_u8x64(w, o + 64 * r), th0, th1, tl0, tl1, sg)
-            _store_u16x32(wbuf, r * K + c * 64, A)
-            _store_u16x32(wbuf, r * K + c * 64 + 32, B)
-
-
-from numba.extending import intrinsic as _intrinsic  # noqa: E402
-
-
-@_intrinsic
-def _store_u16x32(typingctx, arr, idx, v):
-    from numba import types as _t
-    if v != simd.V32u16:
-        return None
-    sig = _t.void(arr, idx, v)
-
-    def codegen(context, builder, sig, args):
-        p = simd._vec_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], simd.V32u16)
-        builder.store(args[2], p, align=1)
-        return context.get_dummy_value()
-    return sig, codegen
-
-
-@njit(**_NB_OPTS)
-def _gemm4x4(wbuf, K, xs, x0, x1, x2, x3, KX, nsplit, res):
-    """res[j * 4 + r] = dot(row r of wbuf [4, K], token j) for 4 rows x 4 tokens; xs offsets x0..x3 of the
-    tokens' K activations (hi at off, lo at off + KX).  The 16 sums leave as one vector (hsum16_f32x16)."""
-    c00 = zero_f32x16(); c01 = zero_f32x16(); c02 = zero_f32x16(); c03 = zero_f32x16()  # noqa: E702
-    c10 = zero_f32x16(); c11 = zero_f32x16(); c12 = zero_f32x16(); c13 = zero_f32x16()  # noqa: E702
-    c20 = zero_f32x16(); c21 = zero_f32x16(); c22 = zero_f32x16(); c23 = zero_f32x16()  # noqa: E702
-    c30 = zero_f32x16(); c31 = zero_f32x16(); c32 = zero_f32x16(); c33 = zero_f32x16()  # noqa: E702
-    for s in range(nsplit):
-        so = s * KX
-        for k in range(0, K, 32):
-            w0 = load_u16x32(wbuf, k)
-            w1 = load_u16x32(wbuf, K + k)
-            w2 = load_u16x32(wbuf, 2 * K + k)
-            w3 = load_u16x32(wbuf, 3 * K + k)
-            v = load_u16x32(xs, x0 + so + k)
-            c00 = dpbf16(c00, w0, v); c10 = dpbf16(c10, w1, v); c20 = dpbf16(c20, w2, v); c30 = dpbf16(c30, w3, v)  # noqa: E702,E501
-            v = load_u16x32(xs, x1 + so + k)
-            c01 = dpbf16(c01, w0, v); c11 = dpbf16(c11, w1, v); c21 = dpbf16(c21, w2, v); c31 = dpbf16(c31, w3, v)  # noqa: E702,E501
-            v = load_u16x32(xs, x2 + so + k)
-            c02 = dpbf16(c02, w0, v); c12 = dpbf16(c12, w1, v); c22 = dpbf16(c22, w2, v); c32 = dpbf16(c32, w3, v)  # noqa: E702,E501
-            v = load_u16x32(xs, x3 + so + k)
-            c03 = dpbf16(c03, w0, v); c13 = dpbf16(c13, w1, v); c23 = dpbf16(c23, w2, v); c33 = dpbf16(c33, w3, v)  # noqa: E702,E501
-    store_f32x16(res, 0, hsum16_f32x16(c00, c10, c20, c30, c01, c11, c21, c31, c02, c12, c22, c32, c03, c13, c23, c33))  # noqa: E501
-
-
-@njit(**_NB_OPTS)
-def _gemm4x3(wbuf, K, xs, x0, x1, x2, KX, nsplit, res):
-    """res[j * 4 + r] for 4 rows x 3 tokens (see _gemm4x4)."""
-    c00 = zero_f32x16(); c01 = zero_f32x16(); c02 = zero_f32x16()  # noqa: E702
-    c10 = zero_f32x16(); c11 = zero_f32x16(); c12 = zero_f32x16()  # noqa: E702
-    c20 = zero_f32x16(); c21 = zero_f32x16(); c22 = zero_f32x16()  # noqa: E702
-    c30 = zero_f32x16(); c31 = zero_f32x16(); c32 = zero_f32x16()  # noqa: E702
-    for s in range(nsplit):
-        so = s * KX
-        for k in range(0, K, 32):
-            w0 = load_u16x32(wbuf, k)
-            w1 = load_u16x32(wbuf, 1 * K + k)
-            w2 = load_u16x32(wbuf, 2 * K + k)
-            w3 = load_u16x32(wbuf, 3 * K + k)
-            v = load_u16x32(xs, x0 + so + k)
-            c00 = dpbf16(c00, w0, v); c10 = dpbf16(c10, w1, v); c20 = dpbf16(c20, w2, v); c30 = dpbf16(c30, w3, v)  # noqa: E702,E501
-            v = load_u16x32(xs, x1 + so + k)
-            c01 = dpbf16(c01, w0, v); c11 = dpbf16(c11, w1, v); c21 = dpbf16(c21, w2, v); c31 = dpbf16(c31, w3, v)  # noqa: E702,E501
-            v = load_u16x32(xs, x2 + so + k)
-            c02 = dpbf16(c02, w0, v); c12 = dpbf16(c12, w1, v); c22 = dpbf16(c22, w2, v); c32 = dpbf16(c32, w3, v)  # noqa: E702,E501
-    z = zero_f32x16()
-    store_f32x16(res, 0, hsum16_f32x16(c00, c10, c20, c30, c01, c11, c21, c31, c02, c12, c22, c32, z, z, z, z))  # noqa: E501
-
-
-@njit(**_NB_OPTS)
-def _gemm4x2(wbuf, K, xs, x0, x1, KX, nsplit, res):
-    """res[j * 4 + r] for 4 rows x 2 tokens (see _gemm4x4)."""
-    c00 = zero_f32x16(); c01 = zero_f32x16()  # noqa: E702
-    c10 = zero_f32x16(); c11 = zero_f32x16()  # noqa: E702
-    c20 = zero_f32x16(); c21 = zero_f32x16()  # noqa: E702
-    c30 = zero_f32x16(); c31 = zero_f32x16()  # noqa: E702
-    for s in range(nsplit):
-        so = s * KX
-        for k in range(0, K, 32):
-            w0 = load_u16x32(wbuf, k)
-            w1 = load_u16x32(wbuf, 1 * K + k)
-            w2 = load_u16x32(wbuf, 2 * K + k)
-            w3 = load_u16x32(wbuf, 3 * K + k)
-            v = load_u16x32(xs, x0 + so + k)
-            c00 = dpbf16(c00, w0, v); c10 = dpbf16(c10, w1, v); c20 = dpbf16(c20, w2, v); c30 = dpbf16(c30, w3, v)  # noqa: E702,E501
-            v = load_u16x32(xs, x1 + so + k)
-            c01 = dpbf16(c01, w0, v); c11 = dpbf16(c11, w1, v); c21 = dpbf16(c21, w2, v); c31 = dpbf16(c31, w3, v)  # noqa: E702,E501
-    z = zero_f32x16()
-    store_f32x16(res, 0, hsum16_f32x16(c00, c10, c20, c30, c01, c11, c21, c31, z, z, z, z, z, z, z, z))  # noqa: E501
-
-
-@njit(**_NB_OPTS)
-def _gemm_tiles(wbuf, K, xs, xbase, stride, KX, ne, nsplit, res, j0):
-    """Next token tile of the GEMM over a decoded tile wbuf [4, K]: tokens j0 .. j0 + nj of the expert (their
-    activations at xs[xbase + j * stride], lo split at + KX).  Tiles are 4 or 3 tokens wide (2 or 1 only for
-    ne = 5 / ne <= 2), so no token is computed twice.  Writes res[j * 4 + r] for j < nj and returns nj."""
-    rem = ne - j0
-    o = xbase + j0 * stride
-    if rem <= 2:
-        nj = rem
-        _gemm4x2(wbuf, K, xs, o, o + (rem - 1) * stride, KX, nsplit, res)
-    elif rem % 4 == 0:
-        nj = 4
-        _gemm4x4(wbuf, K, xs, o, o + stride, o + 2 * stride, o + 3 * stride, KX, nsplit, res)
-    else:
-        nj = 3
-        _gemm4x3(wbuf, K, xs, o, o + stride, o + 2 * stride, KX, nsplit, res)
-    return nj
-
-
-# ---- outer-product tiles (small K): 16 output rows per vector, no horizontal sums ---------------------------
 @njit(inline="always", **_NB_OPTS)
-def _dec_row(w, off, valid, th0, th1, tl0, tl1, sg, z):
-    if valid:
-        return _dec(load_u8x64(w, off), th0, th1, tl0, tl1, sg)
-    return z, z
+def _tables(tbl):
+    return load_u8x64(tbl, 0), load_u8x64(tbl, 64), load_u8x64(tbl, 128), load_u8x64(tbl, 192), splat_u8x64(0x80)
+
+
+# ---- token tiles: res[(g * TILE + j) * 16 + r] = row r of group g . token j ---------------------------------
+# A tile computes ng row groups (16 rows each, nb blocks, the first at w[base:], the next gstride bytes on) for a
+# few tokens (activations at xs[x_j:], bf16; the "lo" half of the bf16x2 split at x_j + KX).  One call covers a
+# whole row block, so call overheads stay small even for tiny models.  The tiles are the same multiply-add
+# pattern unrolled for different numbers of accumulators, written out so that the accumulators stay in registers.
+@njit(**_NB_OPTS)
+def _t1(w, base, ng, gstride, nb, xs, x0, KX, nsplit, tbl, res):
+    """One token (GEMV): four accumulators over pairs of blocks hide the dot-product latency (nb is even)."""
+    th0, th1, tl0, tl1, sg = _tables(tbl)
+    for gi in range(ng):
+        a0 = zero_f32x16()
+        a1 = zero_f32x16()
+        a2 = zero_f32x16()
+        a3 = zero_f32x16()
+        for s in range(nsplit):
+            xo = x0 + s * KX
+            for c in range(0, nb, 2):
+                o = base + gi * gstride + c * 64
+                prefetch_l2(w, o + PF_DIST)
+                prefetch_l2(w, o + PF_DIST + 64)
+                A, B = _dec(load_u8x64(w, o), th0, th1, tl0, tl1, sg)
+                C, D = _dec(load_u8x64(w, o + 64), th0, th1, tl0, tl1, sg)
+                k = xo + 4 * c
+                a0 = dpbf16(a0, A, bcast2_u16x32(xs, k))
+                a1 = dpbf16(a1, B, bcast2_u16x32(xs, k + 2))
+                a2 = dpbf16(a2, C, bcast2_u16x32(xs, k + 4))
+                a3 = dpbf16(a3, D, bcast2_u16x32(xs, k + 6))
+        store_f32x16(res, gi * TILE * RG, add_f32x16(add_f32x16(a0, a1), add_f32x16(a2, a3)))
 
 
 @njit(**_NB_OPTS)
-def _decode_group16(w, base, gstride, ngv, c0, nc, tbl, wbuf):
-    """Decode chunks c0 .. c0+nc of 16 rows -- 4 packed row groups at base + g * gstride, the first ngv of them
-    present (the others read as zero rows) -- into k-pair-major order: wbuf[(c * 32 + p) * 32 ...] holds the
-    16 rows' two words of k-pair p of chunk c, one ``dpbf16`` operand whose lanes are the 16 rows.  The
-    activation words of pair p are xs[c * 64 + 2 p ...] (the A half of a chunk is pairs 0-15, B 16-31)."""
-    th0 = load_u8x64(tbl, 0)
-    th1 = load_u8x64(tbl, 64)
-    tl0 = load_u8x64(tbl, 128)
-    tl1 = load_u8x64(tbl, 192)
-    sg = splat_u8x64(0x80)
-    zb = splat_u8x64(0)
-    z = unpacklo_u8_to_u16(zb, zb)
-    for c in range(nc):
-        o = base + (c0 + c) * 256
-        a0, b0 = _dec_row(w, o, ngv > 0, th0, th1, tl0, tl1, sg, z)
-        a1, b1 = _dec_row(w, o + 64, ngv > 0, th0, th1, tl0, tl1, sg, z)
-        a2, b2 = _dec_row(w, o + 128, ngv > 0, th0, th1, tl0, tl1, sg, z)
-        a3, b3 = _dec_row(w, o + 192, ngv > 0, th0, th1, tl0, tl1, sg, z)
-        o += gstride
-        a4, b4 = _dec_row(w, o, ngv > 1, th0, th1, tl0, tl1, sg, z)
-        a5, b5 = _dec_row(w, o + 64, ngv > 1, th0, th1, tl0, tl1, sg, z)
-        a6, b6 = _dec_row(w, o + 128, ngv > 1, th0, th1, tl0, tl1, sg, z)
-        a7, b7 = _dec_row(w, o + 192, ngv > 1, th0, th1, tl0, tl1, sg, z)
-        o += gstride
-        a8, b8 = _dec_row(w, o, ngv > 2, th0, th1, tl0, tl1, sg, z)
-        a9, b9 = _dec_row(w, o + 64, ngv > 2, th0, th1, tl0, tl1, sg, z)
-        a10, b10 = _dec_row(w, o + 128, ngv > 2, th0, th1, tl0, tl1, sg, z)
-        a11, b11 = _dec_row(w, o + 192, ngv > 2, th0, th1, tl0, tl1, sg, z)
-        o += gstride
-        a12, b12 = _dec_row(w, o, ngv > 3, th0, th1, tl0, tl1, sg, z)
-        a13, b13 = _dec_row(w, o + 64, ngv > 3, th0, th1, tl0, tl1, sg, z)
-        a14, b14 = _dec_row(w, o + 128, ngv > 3, th0, th1, tl0, tl1, sg, z)
-        a15, b15 = _dec_row(w, o + 192, ngv > 3, th0, th1, tl0, tl1, sg, z)
-        store_transpose16_u32(wbuf, c * 1024, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15)
-        store_transpose16_u32(wbuf, c * 1024 + 512, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13,
-                              b14, b15)
+def _t2(w, base, ng, gstride, nb, xs, x0, x1, KX, nsplit, tbl, res):
+    """Two tokens, two accumulators each (one per operand of a block)."""
+    th0, th1, tl0, tl1, sg = _tables(tbl)
+    for gi in range(ng):
+        a0 = zero_f32x16()
+        b0 = zero_f32x16()
+        a1 = zero_f32x16()
+        b1 = zero_f32x16()
+        for s in range(nsplit):
+            so = s * KX
+            for c in range(nb):
+                o = base + gi * gstride + c * 64
+                prefetch_l2(w, o + PF_DIST)
+                A, B = _dec(load_u8x64(w, o), th0, th1, tl0, tl1, sg)
+                k = so + 4 * c
+                a0 = dpbf16(a0, A, bcast2_u16x32(xs, x0 + k))
+                b0 = dpbf16(b0, B, bcast2_u16x32(xs, x0 + k + 2))
+                a1 = dpbf16(a1, A, bcast2_u16x32(xs, x1 + k))
+                b1 = dpbf16(b1, B, bcast2_u16x32(xs, x1 + k + 2))
+        r = gi * TILE * RG
+        store_f32x16(res, r, add_f32x16(a0, b0))
+        store_f32x16(res, r + 16, add_f32x16(a1, b1))
 
 
 @njit(**_NB_OPTS)
-def _op8(wbuf, npairs, xs, x0, x1, x2, x3, x4, x5, x6, x7, KX, nsplit, res):
-    """res[j * 16 + r] = row r of the k-pair-major tile . token j, 16 rows x 8 tokens (activations at xs offsets
-    x0..x7, lo split at + KX): each step multiplies one tile vector by 8 broadcast activation pairs."""
-    a0 = zero_f32x16(); a1 = zero_f32x16(); a2 = zero_f32x16(); a3 = zero_f32x16()  # noqa: E702
-    a4 = zero_f32x16(); a5 = zero_f32x16(); a6 = zero_f32x16(); a7 = zero_f32x16()  # noqa: E702
-    for s in range(nsplit):
-        so = s * KX
-        for p in range(npairs):
-            wv = load_u16x32(wbuf, p * 32)
-            k = so + 2 * p
-            a0 = dpbf16(a0, wv, bcast2_u16x32(xs, x0 + k))
-            a1 = dpbf16(a1, wv, bcast2_u16x32(xs, x1 + k))
-            a2 = dpbf16(a2, wv, bcast2_u16x32(xs, x2 + k))
-            a3 = dpbf16(a3, wv, bcast2_u16x32(xs, x3 + k))
-            a4 = dpbf16(a4, wv, bcast2_u16x32(xs, x4 + k))
-            a5 = dpbf16(a5, wv, bcast2_u16x32(xs, x5 + k))
-            a6 = dpbf16(a6, wv, bcast2_u16x32(xs, x6 + k))
-            a7 = dpbf16(a7, wv, bcast2_u16x32(xs, x7 + k))
-    store_f32x16(res, 0, a0)
-    store_f32x16(res, 16, a1)
-    store_f32x16(res, 32, a2)
-    store_f32x16(res, 48, a3)
-    store_f32x16(res, 64, a4)
-    store_f32x16(res, 80, a5)
-    store_f32x16(res, 96, a6)
-    store_f32x16(res, 112, a7)
+def _t4(w, base, ng, gstride, nb, xs, x0, x1, x2, x3, KX, nsplit, tbl, res):
+    """Four tokens, two accumulators each."""
+    th0, th1, tl0, tl1, sg = _tables(tbl)
+    for gi in range(ng):
+        a0 = zero_f32x16(); b0 = zero_f32x16(); a1 = zero_f32x16(); b1 = zero_f32x16()  # noqa: E702
+        a2 = zero_f32x16(); b2 = zero_f32x16(); a3 = zero_f32x16(); b3 = zero_f32x16()  # noqa: E702
+        for s in range(nsplit):
+            so = s * KX
+            for c in range(nb):
+                o = base + gi * gstride + c * 64
+                prefetch_l2(w, o + PF_DIST)
+                A, B = _dec(load_u8x64(w, o), th0, th1, tl0, tl1, sg)
+                k = so + 4 * c
+                a0 = dpbf16(a0, A, bcast2_u16x32(xs, x0 + k)); b0 = dpbf16(b0, B, bcast2_u16x32(xs, x0 + k + 2))  # noqa: E702,E501
+                a1 = dpbf16(a1, A, bcast2_u16x32(xs, x1 + k)); b1 = dpbf16(b1, B, bcast2_u16x32(xs, x1 + k + 2))  # noqa: E702,E501
+                a2 = dpbf16(a2, A, bcast2_u16x32(xs, x2 + k)); b2 = dpbf16(b2, B, bcast2_u16x32(xs, x2 + k + 2))  # noqa: E702,E501
+                a3 = dpbf16(a3, A, bcast2_u16x32(xs, x3 + k)); b3 = dpbf16(b3, B, bcast2_u16x32(xs, x3 + k + 2))  # noqa: E702,E501
+        r = gi * TILE * RG
+        store_f32x16(res, r, add_f32x16(a0, b0))
+        store_f32x16(res, r + 16, add_f32x16(a1, b1))
+        store_f32x16(res, r + 32, add_f32x16(a2, b2))
+        store_f32x16(res, r + 48, add_f32x16(a3, b3))
+
+
+@njit(inline="always", **_NB_OPTS)
+def _op(acc, A, B, xs, k):
+    """acc += A . (token's column pair at k) + B . (the pair at k + 2): one token's share of a block."""
+    return dpbf16(dpbf16(acc, A, bcast2_u16x32(xs, k)), B, bcast2_u16x32(xs, k + 2))
 
 
 @njit(**_NB_OPTS)
-def _op4(wbuf, npairs, xs, x0, x1, x2, x3, KX, nsplit, res):
-    """res[j * 16 + r] for 16 rows x 4 tokens (see _op8)."""
-    a0 = zero_f32x16(); a1 = zero_f32x16(); a2 = zero_f32x16(); a3 = zero_f32x16()  # noqa: E702
-    for s in range(nsplit):
-        so = s * KX
-        for p in range(npairs):
-            wv = load_u16x32(wbuf, p * 32)
-            k = so + 2 * p
-            a0 = dpbf16(a0, wv, bcast2_u16x32(xs, x0 + k))
-            a1 = dpbf16(a1, wv, bcast2_u16x32(xs, x1 + k))
-            a2 = dpbf16(a2, wv, bcast2_u16x32(xs, x2 + k))
-            a3 = dpbf16(a3, wv, bcast2_u16x32(xs, x3 + k))
-    store_f32x16(res, 0, a0)
-    store_f32x16(res, 16, a1)
-    store_f32x16(res, 32, a2)
-    store_f32x16(res, 48, a3)
+def _t8(w, base, ng, gstride, nb, xs, x0, x1, x2, x3, x4, x5, x6, x7, KX, nsplit, tbl, res):
+    """Eight tokens, one accumulator each."""
+    th0, th1, tl0, tl1, sg = _tables(tbl)
+    for gi in range(ng):
+        a0 = zero_f32x16(); a1 = zero_f32x16(); a2 = zero_f32x16(); a3 = zero_f32x16()  # noqa: E702
+        a4 = zero_f32x16(); a5 = zero_f32x16(); a6 = zero_f32x16(); a7 = zero_f32x16()  # noqa: E702
+        for s in range(nsplit):
+            so = s * KX
+            for c in range(nb):
+                o = base + gi * gstride + c * 64
+                prefetch_l2(w, o + PF_DIST)
+                A, B = _dec(load_u8x64(w, o), th0, th1, tl0, tl1, sg)
+                k = so + 4 * c
+                a0 = _op(a0, A, B, xs, x0 + k); a1 = _op(a1, A, B, xs, x1 + k)  # noqa: E702
+                a2 = _op(a2, A, B, xs, x2 + k); a3 = _op(a3, A, B, xs, x3 + k)  # noqa: E702
+                a4 = _op(a4, A, B, xs, x4 + k); a5 = _op(a5, A, B, xs, x5 + k)  # noqa: E702
+                a6 = _op(a6, A, B, xs, x6 + k); a7 = _op(a7, A, B, xs, x7 + k)  # noqa: E702
+        r = gi * TILE * RG
+        store_f32x16(res, r, a0); store_f32x16(res, r + 16, a1); store_f32x16(res, r + 32, a2)  # noqa: E702
+        store_f32x16(res, r + 48, a3); store_f32x16(res, r + 64, a4); store_f32x16(res, r + 80, a5)  # noqa: E702
+        store_f32x16(res, r + 96, a6); store_f32x16(res, r + 112, a7)  # noqa: E702
 
 
 @njit(**_NB_OPTS)
-def _op_tiles(wbuf, npairs, xs, xbase, stride, KX, ne, nsplit, res, j0):
-    """Next token tile (8 wide, or 4 for the last <= 4 tokens) of the outer-product GEMM over a tile of
-    ``npairs`` k-pairs: tokens j0 .. j0 + nj; columns past the last token repeat it (computed, not used).
-    Writes res[j * 16 + r] for j < nj and returns nj."""
+def _t12(w, base, ng, gstride, nb, xs, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, KX, nsplit, tbl, res):
+    """Twelve tokens, one accumulator each (a K2 prefill gives each expert ~11)."""
+    th0, th1, tl0, tl1, sg = _tables(tbl)
+    for gi in range(ng):
+        a0 = zero_f32x16(); a1 = zero_f32x16(); a2 = zero_f32x16(); a3 = zero_f32x16()  # noqa: E702
+        a4 = zero_f32x16(); a5 = zero_f32x16(); a6 = zero_f32x16(); a7 = zero_f32x16()  # noqa: E702
+        a8 = zero_f32x16(); a9 = zero_f32x16(); a10 = zero_f32x16(); a11 = zero_f32x16()  # noqa: E702
+        for s in range(nsplit):
+            so = s * KX
+            for c in range(nb):
+                o = base + gi * gstride + c * 64
+                prefetch_l2(w, o + PF_DIST)
+                A, B = _dec(load_u8x64(w, o), th0, th1, tl0, tl1, sg)
+                k = so + 4 * c
+                a0 = _op(a0, A, B, xs, x0 + k); a1 = _op(a1, A, B, xs, x1 + k)  # noqa: E702
+                a2 = _op(a2, A, B, xs, x2 + k); a3 = _op(a3, A, B, xs, x3 + k)  # noqa: E702
+                a4 = _op(a4, A, B, xs, x4 + k); a5 = _op(a5, A, B, xs, x5 + k)  # noqa: E702
+                a6 = _op(a6, A, B, xs, x6 + k); a7 = _op(a7, A, B, xs, x7 + k)  # noqa: E702
+                a8 = _op(a8, A, B, xs, x8 + k); a9 = _op(a9, A, B, xs, x9 + k)  # noqa: E702
+                a10 = _op(a10, A, B, xs, x10 + k); a11 = _op(a11, A, B, xs, x11 + k)  # noqa: E702
+        r = gi * TILE * RG
+        store_f32x16(res, r, a0); store_f32x16(res, r + 16, a1); store_f32x16(res, r + 32, a2)  # noqa: E702
+        store_f32x16(res, r + 48, a3); store_f32x16(res, r + 64, a4); store_f32x16(res, r + 80, a5)  # noqa: E702
+        store_f32x16(res, r + 96, a6); store_f32x16(res, r + 112, a7); store_f32x16(res, r + 128, a8)  # noqa: E702
+        store_f32x16(res, r + 144, a9); store_f32x16(res, r + 160, a10); store_f32x16(res, r + 176, a11)  # noqa: E702
+
+
+@njit(**_NB_OPTS)
+def _t16(w, base, ng, gstride, nb, xs, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, KX,
+         nsplit, tbl, res):
+    """Sixteen tokens, one accumulator each."""
+    th0, th1, tl0, tl1, sg = _tables(tbl)
+    for gi in range(ng):
+        a0 = zero_f32x16(); a1 = zero_f32x16(); a2 = zero_f32x16(); a3 = zero_f32x16()  # noqa: E702
+        a4 = zero_f32x16(); a5 = zero_f32x16(); a6 = zero_f32x16(); a7 = zero_f32x16()  # noqa: E702
+        a8 = zero_f32x16(); a9 = zero_f32x16(); a10 = zero_f32x16(); a11 = zero_f32x16()  # noqa: E702
+        a12 = zero_f32x16(); a13 = zero_f32x16(); a14 = zero_f32x16(); a15 = zero_f32x16()  # noqa: E702
+        for s in range(nsplit):
+            so = s * KX
+            for c in range(nb):
+                o = base + gi * gstride + c * 64
+                prefetch_l2(w, o + PF_DIST)
+                A, B = _dec(load_u8x64(w, o), th0, th1, tl0, tl1, sg)
+                k = so + 4 * c
+                a0 = _op(a0, A, B, xs, x0 + k); a1 = _op(a1, A, B, xs, x1 + k)  # noqa: E702
+                a2 = _op(a2, A, B, xs, x2 + k); a3 = _op(a3, A, B, xs, x3 + k)  # noqa: E702
+                a4 = _op(a4, A, B, xs, x4 + k); a5 = _op(a5, A, B, xs, x5 + k)  # noqa: E702
+                a6 = _op(a6, A, B, xs, x6 + k); a7 = _op(a7, A, B, xs, x7 + k)  # noqa: E702
+                a8 = _op(a8, A, B, xs, x8 + k); a9 = _op(a9, A, B, xs, x9 + k)  # noqa: E702
+                a10 = _op(a10, A, B, xs, x10 + k); a11 = _op(a11, A, B, xs, x11 + k)  # noqa: E702
+                a12 = _op(a12, A, B, xs, x12 + k); a13 = _op(a13, A, B, xs, x13 + k)  # noqa: E702
+                a14 = _op(a14, A, B, xs, x14 + k); a15 = _op(a15, A, B, xs, x15 + k)  # noqa: E702
+        r = gi * TILE * RG
+        store_f32x16(res, r, a0); store_f32x16(res, r + 16, a1); store_f32x16(res, r + 32, a2)  # noqa: E702
+        store_f32x16(res, r + 48, a3); store_f32x16(res, r + 64, a4); store_f32x16(res, r + 80, a5)  # noqa: E702
+        store_f32x16(res, r + 96, a6); store_f32x16(res, r + 112, a7); store_f32x16(res, r + 128, a8)  # noqa: E702
+        store_f32x16(res, r + 144, a9); store_f32x16(res, r + 160, a10); store_f32x16(res, r + 176, a11)  # noqa: E702
+        store_f32x16(res, r + 192, a12); store_f32x16(res, r + 208, a13); store_f32x16(res, r + 224, a14)  # noqa: E702
+        store_f32x16(res, r + 240, a15)
+
+
+@njit(**_NB_OPTS)
+def _tile(w, base, ng, gstride, nb, xs, xbase, stride, KX, ne, nsplit, tbl, res, j0):
+    """The next token tile: tokens j0 .. j0 + nj of the ne (activations at xs[xbase + j * stride]) through ng row
+    groups.  Up to 16 remaining tokens go in one tile of the narrowest width that holds them, whose spare columns
+    repeat its last token; more take a 16-wide tile first.  Writes res[(g * TILE + j) * 16 + r] for j < nj and
+    returns nj."""
     rem = ne - j0
+    nj = min(rem, TILE)
     o = xbase + j0 * stride
-    last = o + (min(rem, 8) - 1) * stride
-    if rem > 4:
-        nj = min(rem, 8)
-        _op8(wbuf, npairs, xs, o, min(o + stride, last), min(o + 2 * stride, last), min(o + 3 * stride, last),
-             min(o + 4 * stride, last), min(o + 5 * stride, last), min(o + 6 * stride, last),
-             min(o + 7 * stride, last), KX, nsplit, res)
+    last = o + (nj - 1) * stride
+    if nj == 1:
+        _t1(w, base, ng, gstride, nb, xs, o, KX, nsplit, tbl, res)
+    elif nj == 2:
+        _t2(w, base, ng, gstride, nb, xs, o, last, KX, nsplit, tbl, res)
+    elif nj <= 4:
+        _t4(w, base, ng, gstride, nb, xs, o, o + stride, min(o + 2 * stride, last), last, KX, nsplit, tbl, res)
+    elif nj <= 8:
+        _t8(w, base, ng, gstride, nb, xs, o, o + stride, o + 2 * stride, o + 3 * stride, o + 4 * stride,
+            min(o + 5 * stride, last), min(o + 6 * stride, last), last, KX, nsplit, tbl, res)
+    elif nj <= 12:
+        _t12(w, base, ng, gstride, nb, xs, o, o + stride, o + 2 * stride, o + 3 * stride, o + 4 * stride,
+             o + 5 * stride, o + 6 * stride, o + 7 * stride, o + 8 * stride, min(o + 9 * stride, last),
+             min(o + 10 * stride, last), last, KX, nsplit, tbl, res)
     else:
-        nj = rem
-        _op4(wbuf, npairs, xs, o, min(o + stride, last), min(o + 2 * stride, last), min(o + 3 * stride, last),
-             KX, nsplit, res)
+        _t16(w, base, ng, gstride, nb, xs, o, o + stride, o + 2 * stride, o + 3 * stride, o + 4 * stride,
+             o + 5 * stride, o + 6 * stride, o + 7 * stride, o + 8 * stride, o + 9 * stride, o + 10 * stride,
+             o + 11 * stride, o + 12 * stride, min(o + 13 * stride, last), min(o + 14 * stride, last), last, KX,
+             nsplit, tbl, res)
     return nj
 
 
 @njit(**_NB_OPTS)
-def _prep_xs(src, src_off, nch, srow, nsplit, xs, xs_off):
-    """xs[xs_off + i] (hi) / xs[xs_off + K + i] (lo) = bf16 split of src[src_off + i] * srow[chunk // 2];
-    src is already in permuted (unpack) order; K = nch * 64."""
-    K = nch * 64
-    for c in range(nch):
-        sv = splat_f32x16(srow[c // 2])
-        for q in range(4):
-            i = c * 64 + q * 16
-            v = mul_f32x16(load_f32x16(src, src_off + i), sv)
-            h = cvt_f32_bf16(v)
-            store_u16x16(xs, xs_off + i, h)
+def _prep_rows(src, RS, rows, i0, n, srow, nsplit, xs, x0, sx, KX):
+    """Prepared activations of n tokens, token i (< n) from row r = rows[i0 + i] (or i0 + i when rows is empty)
+    of src (row length RS, zero padded to whole vectors): xs[x0 + i sx + k] (hi) / xs[x0 + i sx + KX + k] (lo) =
+    bf16 split of src[r, k] * srow[k // 128]."""
+    nvec = RS // 16
+    for i in range(n):
+        r = rows[i0 + i] if rows.shape[0] else i0 + i
+        so = r * RS
+        xo = x0 + i * sx
+        for v in range(nvec):
+            k = v * 16
+            x = mul_f32x16(load_f32x16(src, so + k), splat_f32x16(srow[k // SB]))
+            h = cvt_f32_bf16(x)
+            store_u16x16(xs, xo + k, h)
             if nsplit == 2:
-                store_u16x16(xs, xs_off + K + i, cvt_f32_bf16(sub_f32x16(v, bf16_to_f32(h))))
+                store_u16x16(xs, xo + KX + k, cvt_f32_bf16(sub_f32x16(x, bf16_to_f32(h))))
 
 
 @njit(inline="always", **_NB_OPTS)
@@ -787,170 +749,105 @@ def _silu(g):
 
 
 @njit(**_NBP_OPTS)
-def _moe_fast(w1, w3, w2, s1, s3, s2, D, I, x, uniq, start, ptok, pw, nsplit, tbl, pos, op, out):
+def _moe_fast(w1, w3, w2, s1, s3, s2, D, I, x, uniq, start, ptok, pw, nsplit, tbl, nw, out):
     T = x.shape[0]
     nu = uniq.shape[0]
     npairs = ptok.shape[0]
-    Dp = (D + 63) // 64 * 64
-    Ip = (I + 63) // 64 * 64
-    nchD = Dp // 64
-    nchI = Ip // 64
-    bo = 128  # scale block rows (checked at allocate for the fast path)
-    nrb1 = (I + bo - 1) // bo
-    nrb2 = (D + bo - 1) // bo
-    # activations, permuted to the unpack order, zero padded
-    xp = np.zeros((T, Dp), np.float32)
+    DS = (D + 15) // 16 * 16        # activation row length: whole vectors, zero padded
+    IS = (I + 15) // 16 * 16        # = the gate/up rows computed (16-row groups), the down input's row length
+    # Per-token rows of the prepared bf16 activations are XPAD words longer than needed: a tile streams up to 16
+    # of them at once, and a stride of a multiple of 4 KiB (K2's down projection: 2048 words) would put all the
+    # streams in the same L1 sets.
+    DX = DS + XPAD
+    IX = IS + XPAD
+    nb1 = (D + KALIGN - 1) // KALIGN * KALIGN // 4    # blocks per gate/up row group
+    nb2 = (I + KALIGN - 1) // KALIGN * KALIGN // 4    # blocks per down row group
+    nrb1 = (I + SB - 1) // SB
+    nrb2 = (D + SB - 1) // SB
+    nemax = 0
+    for u in range(nu):
+        nemax = max(nemax, start[u + 1] - start[u])
+    xp = np.zeros((T, DS), np.float32)
     for t in prange(T):
         for j in range(D):
-            xp[t, (j // 64) * 64 + pos[j % 64]] = x[t, j]
+            xp[t, j] = x[t, j]
     xp = xp.ravel()
-    hp = np.zeros(npairs * Ip, np.float32)   # silu(g)*u per pair, permuted order
-    # ---------------------------------------------------------------- phase A: gate/up
+    hp = np.empty(npairs * IS, np.float32)      # silu(g) * u per (token, expert) pair
+    noidx = np.empty(0, ptok.dtype)             # (_prep_rows: rows are consecutive pairs)
+    # ---------------------------------------------------------------- phase A: gate/up, (expert, row block) tasks
+    # Each of the nw workers (= threads) takes a contiguous range of tasks and keeps its own scratch.
     ntask = nu * nrb1
-    for task in prange(ntask):
-        u = task // nrb1
-        rb = task - u * nrb1
-        e = uniq[u]
-        p0 = start[u]
-        ne = start[u + 1] - p0
-        r0 = rb * bo
-        nr = min(bo, I - r0)
-        ng = (nr + 3) // 4
-        xs = np.empty(2 * nsplit * ne * Dp, np.uint16)   # [gate|up][pair][split][Dp]
-        for i in range(ne):
-            t = ptok[p0 + i]
-            _prep_xs(xp, t * Dp, nchD, s1[e, rb], nsplit, xs, i * nsplit * Dp)
-            _prep_xs(xp, t * Dp, nchD, s3[e, rb], nsplit, xs, (ne + i) * nsplit * Dp)
-        gemm = ne >= GEMM_MIN_TOKENS
-        ng16 = (ng + 3) // 4
-        g = np.empty((ne, ng16 * 16), np.float32)
-        uu = np.empty((ne, ng16 * 16), np.float32)
-        if gemm and op:                        # outer-product tiles: 16 rows per vector
-            wbuf = np.empty(KBC_OP * 1024, np.uint16)
-            res = np.empty(128, np.float32)
-            for g16 in range(ng16):
-                ngv = min(4, ng - 4 * g16)
-                base = (r0 + g16 * 16) * Dp
-                for m in range(2):
-                    wm = w1 if m == 0 else w3
-                    dst = g if m == 0 else uu
-                    xbase = m * ne * nsplit * Dp
-                    for i in range(ne):
-                        for r in range(16):
-                            dst[i, g16 * 16 + r] = 0.0
-                    for c0 in range(0, nchD, KBC_OP):
-                        nc = min(KBC_OP, nchD - c0)
-                        _decode_group16(wm[e], base, 4 * Dp, ngv, c0, nc, tbl, wbuf)
-                        i = 0
-                        while i < ne:
-                            nj = _op_tiles(wbuf, nc * 32, xs, xbase + c0 * 64, nsplit * Dp, Dp, ne, nsplit, res, i)
-                            for j in range(nj):
-                                for r in range(16):
-                                    dst[i + j, g16 * 16 + r] += res[j * 16 + r]
-                            i += nj
-        else:                                  # 4-row groups: GEMV, or 4 x 4 dot-product tiles
-            if gemm:
-                wbuf = np.empty(4 * KBC * 64, np.uint16)
-                res = np.empty(16, np.float32)
-            for gi in range(ng):
-                base = (r0 + gi * 4) * Dp
-                for m in range(2):
-                    wm = w1 if m == 0 else w3
-                    dst = g if m == 0 else uu
-                    xbase = m * ne * nsplit * Dp
-                    if not gemm:
-                        for i in range(ne):
-                            v0, v1, v2, v3 = _gemv4(wm[e], base, nchD, xs, xbase + i * nsplit * Dp, nsplit, tbl)
-                            dst[i, gi * 4] = v0
-                            dst[i, gi * 4 + 1] = v1
-                            dst[i, gi * 4 + 2] = v2
-                            dst[i, gi * 4 + 3] = v3
-                    else:
-                        for i in range(ne):
-                            for r in range(4):
-                                dst[i, gi * 4 + r] = 0.0
-                        for c0 in range(0, nchD, KBC):   # K blocks: the decoded tile stays in L1
-                            nc = min(KBC, nchD - c0)
-                            _decode_group(wm[e], base, c0, nc, tbl, wbuf)
-                            i = 0
-                            while i < ne:
-                                nj = _gemm_tiles(wbuf, nc * 64, xs, xbase + c0 * 64, nsplit * Dp, Dp, ne, nsplit,
-                                                 res, i)
-                                for j in range(nj):           # token j's 4 rows: contiguous on both sides
-                                    for r in range(4):
-                                        dst[i + j, gi * 4 + r] += res[j * 4 + r]
-                                i += nj
-        hrow = np.empty(nr, np.float32)
-        for i in range(ne):
-            for r in range(nr):                    # vectorised: silu(g) * u
-                hrow[r] = _silu(g[i, r]) * uu[i, r]
-            hb = (p0 + i) * Ip
-            for r in range(nr):
-                row = r0 + r
-                hp[hb + (row // 64) * 64 + pos[row % 64]] = hrow[r]
-    # ---------------------------------------------------------------- phase B: down
-    for rb in prange(nrb2):
-        r0 = rb * bo
-        nr = min(bo, D - r0)
-        ng = (nr + 3) // 4
-        ng16 = (ng + 3) // 4
-        acc = np.zeros((T, ng16 * 16), np.float32)
-        wbuf = np.empty(4 * KBC * 64, np.uint16)
-        res = np.empty(16, np.float32)
-        wbuf16 = np.empty(KBC_OP * 1024 if op else 0, np.uint16)
-        res16 = np.empty(128, np.float32)
-        for u in range(nu):
+    for wk in prange(nw):
+        sx = nsplit * DX
+        xs = np.empty(2 * nemax * sx, np.uint16)   # [gate | up][pair][split][DX]
+        g = np.empty(SB // RG * TILE * RG, np.float32)     # [group][token][row]
+        uu = np.empty(SB // RG * TILE * RG, np.float32)
+        for task in range(wk * ntask // nw, (wk + 1) * ntask // nw):
+            u = task // nrb1
+            rb = task - u * nrb1
             e = uniq[u]
             p0 = start[u]
             ne = start[u + 1] - p0
-            xs = np.empty(ne * nsplit * Ip, np.uint16)
-            for i in range(ne):
-                _prep_xs(hp, (p0 + i) * Ip, nchI, s2[e, rb], nsplit, xs, i * nsplit * Ip)
-            gemm = ne >= GEMM_MIN_TOKENS
-            if gemm and op:
-                for g16 in range(ng16):
-                    ngv = min(4, ng - 4 * g16)
-                    base = (r0 + g16 * 16) * Ip
-                    for c0 in range(0, nchI, KBC_OP):
-                        nc = min(KBC_OP, nchI - c0)
-                        _decode_group16(w2[e], base, 4 * Ip, ngv, c0, nc, tbl, wbuf16)
-                        i = 0
-                        while i < ne:
-                            nj = _op_tiles(wbuf16, nc * 32, xs, c0 * 64, nsplit * Ip, Ip, ne, nsplit, res16, i)
-                            for j in range(nj):
-                                t = ptok[p0 + i + j]
-                                wt = pw[p0 + i + j]
-                                for r in range(16):
-                                    acc[t, g16 * 16 + r] += wt * res16[j * 16 + r]
-                            i += nj
-                continue
-            for gi in range(ng):
-                base = (r0 + gi * 4) * Ip
-                if not gemm:
-                    for i in range(ne):
-                        v0, v1, v2, v3 = _gemv4(w2[e], base, nchI, xs, i * nsplit * Ip, nsplit, tbl)
-                        t = ptok[p0 + i]
-                        wt = pw[p0 + i]
-                        acc[t, gi * 4] += wt * v0
-                        acc[t, gi * 4 + 1] += wt * v1
-                        acc[t, gi * 4 + 2] += wt * v2
-                        acc[t, gi * 4 + 3] += wt * v3
-                else:
-                    for c0 in range(0, nchI, KBC):
-                        nc = min(KBC, nchI - c0)
-                        _decode_group(w2[e], base, c0, nc, tbl, wbuf)
-                        i = 0
-                        while i < ne:
-                            nj = _gemm_tiles(wbuf, nc * 64, xs, c0 * 64, nsplit * Ip, Ip, ne, nsplit, res, i)
-                            for j in range(nj):
-                                t = ptok[p0 + i + j]
-                                wt = pw[p0 + i + j]
-                                for r in range(4):
-                                    acc[t, gi * 4 + r] += wt * res[j * 4 + r]
-                            i += nj
-        for t in range(T):
-            for r in range(nr):
-                out[t, r0 + r] = acc[t, r]
+            r0 = rb * SB
+            ng = (min(SB, IS - r0) + RG - 1) // RG
+            _prep_rows(xp, DS, ptok, p0, ne, s1[e, rb], nsplit, xs, 0, sx, DX)
+            _prep_rows(xp, DS, ptok, p0, ne, s3[e, rb], nsplit, xs, ne * sx, sx, DX)
+            base = r0 // RG * nb1 * 64
+            i = 0
+            while i < ne:
+                nj = _tile(w1[e], base, ng, nb1 * 64, nb1, xs, 0, sx, DX, ne, nsplit, tbl, g, i)
+                _tile(w3[e], base, ng, nb1 * 64, nb1, xs, ne * sx, sx, DX, ne, nsplit, tbl, uu, i)
+                for gi in range(ng):
+                    for j in range(nj):
+                        hb = (p0 + i + j) * IS + r0 + gi * RG
+                        ro = (gi * TILE + j) * RG
+                        for r in range(RG):             # vectorised: silu(g) * u
+                            hp[hb + r] = _silu(g[ro + r]) * uu[ro + r]
+                i += nj
+    # ---------------------------------------------------------------- phase B: down, (row block, expert share) tasks
+    # Each task sums its experts' outputs for one 128-row block of every token.  With fewer row blocks than
+    # workers x 4 (small models) the experts are shared out too, and the shares' partial sums added at the end.
+    nsh = 1 if nrb2 >= 4 * nw else min(nu, (4 * nw + nrb2 - 1) // nrb2)
+    part = np.empty((nsh if nsh > 1 else 0, T, D), np.float32)
+    ntask = nrb2 * nsh
+    for wk in prange(nw):
+        acc = np.empty((T, SB), np.float32)
+        res = np.empty(SB // RG * TILE * RG, np.float32)
+        sx = nsplit * IX
+        xs = np.empty(nemax * sx, np.uint16)
+        for task in range(wk * ntask // nw, (wk + 1) * ntask // nw):
+            sh = task // nrb2                  # share-major: the row blocks' unequal sizes spread over workers
+            rb = task - sh * nrb2
+            r0 = rb * SB
+            nr = min(SB, D - r0)
+            ng = (nr + RG - 1) // RG
+            acc[:, :] = 0.0
+            for u in range(sh * nu // nsh, (sh + 1) * nu // nsh):
+                e = uniq[u]
+                p0 = start[u]
+                ne = start[u + 1] - p0
+                _prep_rows(hp, IS, noidx, p0, ne, s2[e, rb], nsplit, xs, 0, sx, IX)
+                i = 0
+                while i < ne:
+                    nj = _tile(w2[e], r0 // RG * nb2 * 64, ng, nb2 * 64, nb2, xs, 0, sx, IX, ne, nsplit, tbl, res, i)
+                    for j in range(nj):
+                        t = ptok[p0 + i + j]
+                        wt = pw[p0 + i + j]
+                        for gi in range(ng):
+                            for r in range(RG):
+                                acc[t, gi * RG + r] += wt * res[(gi * TILE + j) * RG + r]
+                    i += nj
+            dst = out if nsh == 1 else part[sh]
+            for t in range(T):
+                for r in range(nr):
+                    dst[t, r0 + r] = acc[t, r]
+    if nsh > 1:
+        for t in prange(T):
+            for r in range(D):
+                v = part[0, t, r]
+                for sh in range(1, nsh):
+                    v += part[sh, t, r]
+                out[t, r] = v
     return out
 
 
@@ -966,14 +863,15 @@ def _e4m3_f32(b):
 
 
 @njit(**_NB_OPTS_EXACT)
-def _decode_rows_f32(w, base, nch, buf):
-    """Decode a 4-row group into buf[4, nch*64] float32 (natural order), bit-shift decoder."""
-    K = nch * 64
-    for c in range(nch):
-        o = base + c * 256
-        for r in range(4):
-            for j in range(64):
-                buf[r * K + c * 64 + j] = _e4m3_f32(w[o + 64 * r + j])
+def _decode_group_f32(w, base, nb, buf):
+    """Decode the 16-row group at byte offset ``base`` (nb blocks) into buf[16, 4 nb] float32, natural order."""
+    K = nb * 4
+    for c in range(nb):
+        o = base + c * 64
+        for b in range(64):
+            row = 4 * (b >> 4) + ((b >> 1) & 3)
+            col = 4 * c + 2 * ((b >> 3) & 1) + (b & 1)
+            buf[row * K + col] = _e4m3_f32(w[o + b])
 
 
 @njit(**_NBP_OPTS)
@@ -981,11 +879,11 @@ def _moe_portable(w1, w3, w2, s1, s3, s2, D, I, x, uniq, start, ptok, pw, out):
     T = x.shape[0]
     nu = uniq.shape[0]
     npairs = ptok.shape[0]
-    Dp = (D + 63) // 64 * 64
-    Ip = (I + 63) // 64 * 64
-    nchD = Dp // 64
-    nchI = Ip // 64
-    bo = 128
+    Dp = (D + KALIGN - 1) // KALIGN * KALIGN
+    Ip = (I + KALIGN - 1) // KALIGN * KALIGN
+    nb1 = Dp // 4
+    nb2 = Ip // 4
+    bo = SB
     nrb1 = (I + bo - 1) // bo
     nrb2 = (D + bo - 1) // bo
     h = np.zeros((npairs, Ip), np.float32)
@@ -998,36 +896,36 @@ def _moe_portable(w1, w3, w2, s1, s3, s2, D, I, x, uniq, start, ptok, pw, out):
         ne = start[u + 1] - p0
         r0 = rb * bo
         nr = min(bo, I - r0)
-        ng = (nr + 3) // 4
+        ng = (nr + RG - 1) // RG
         xs = np.zeros((2, ne, Dp), np.float32)
         for i in range(ne):
             t = ptok[p0 + i]
             for j in range(D):
-                xs[0, i, j] = x[t, j] * s1[e, rb, j // 128]
-                xs[1, i, j] = x[t, j] * s3[e, rb, j // 128]
-        buf = np.empty(4 * Dp, np.float32)
-        gu = np.zeros((2, ne, 4), np.float32)
+                xs[0, i, j] = x[t, j] * s1[e, rb, j // bo]
+                xs[1, i, j] = x[t, j] * s3[e, rb, j // bo]
+        buf = np.empty(RG * Dp, np.float32)
+        gu = np.zeros((2, ne, RG), np.float32)
         for gi in range(ng):
-            base = (r0 + gi * 4) * Dp
+            base = (r0 // RG + gi) * nb1 * 64
             for m in range(2):
-                _decode_rows_f32(w1[e] if m == 0 else w3[e], base, nchD, buf)
+                _decode_group_f32(w1[e] if m == 0 else w3[e], base, nb1, buf)
                 for i in range(ne):
-                    for r in range(4):
+                    for r in range(RG):
                         sacc = np.float32(0.0)
                         for j in range(Dp):
                             sacc += buf[r * Dp + j] * xs[m, i, j]
                         gu[m, i, r] = sacc
             for i in range(ne):
-                for r in range(4):
-                    row = r0 + gi * 4 + r
+                for r in range(RG):
+                    row = r0 + gi * RG + r
                     if row < I:
                         h[p0 + i, row] = _silu(gu[0, i, r]) * gu[1, i, r]
     for rb in prange(nrb2):
         r0 = rb * bo
         nr = min(bo, D - r0)
-        ng = (nr + 3) // 4
-        acc = np.zeros((T, ng * 4), np.float32)
-        buf = np.empty(4 * Ip, np.float32)
+        ng = (nr + RG - 1) // RG
+        acc = np.zeros((T, ng * RG), np.float32)
+        buf = np.empty(RG * Ip, np.float32)
         for u in range(nu):
             e = uniq[u]
             p0 = start[u]
@@ -1035,17 +933,17 @@ def _moe_portable(w1, w3, w2, s1, s3, s2, D, I, x, uniq, start, ptok, pw, out):
             xs = np.zeros((ne, Ip), np.float32)
             for i in range(ne):
                 for j in range(I):
-                    xs[i, j] = h[p0 + i, j] * s2[e, rb, j // 128]
+                    xs[i, j] = h[p0 + i, j] * s2[e, rb, j // bo]
             for gi in range(ng):
-                _decode_rows_f32(w2[e], (r0 + gi * 4) * Ip, nchI, buf)
+                _decode_group_f32(w2[e], (r0 // RG + gi) * nb2 * 64, nb2, buf)
                 for i in range(ne):
                     t = ptok[p0 + i]
                     wt = pw[p0 + i]
-                    for r in range(4):
+                    for r in range(RG):
                         sacc = np.float32(0.0)
                         for j in range(Ip):
                             sacc += buf[r * Ip + j] * xs[i, j]
-                        acc[t, gi * 4 + r] += wt * sacc
+                        acc[t, gi * RG + r] += wt * sacc
         for t in range(T):
             for r in range(nr):
                 out[t, r0 + r] = acc[t, r]
@@ -1097,25 +995,13 @@ def moe_forward(p: PackedExperts, x: np.ndarray, slots: np.ndarray, weights: np.
     if uniq.size == 0:
         out[...] = 0.0
         return out
-    with kernel_threads():
+    with kernel_threads() as nthreads:
         if fast_path_available() and p.block == (128, 128):
             _moe_fast(p.w1, p.w3, p.w2, p.s1, p.s3, p.s2, p.hidden, p.inter, x, uniq, start, ptok, pw,
-                      2 if get_precision(precision) == "bf16x2" else 1, _TBL, _POS, use_outer_product(p), out)
+                      2 if get_precision(precision) == "bf16x2" else 1, _TBL, nthreads, out)
         else:
             _moe_portable_dispatch(p, x, uniq, start, ptok, pw, out)
     return out
-
-
-OP_MAX_K = 256   # largest reduction length (hidden / intermediate size) that takes the outer-product tiles
-_op_mode = None  # None: by shape; True / False: forced (A/B tests and benchmarks)
-
-
-def use_outer_product(p: PackedExperts) -> bool:
-    """Whether a call's GEMM path uses the outer-product tiles: for small reduction lengths, where the 4 x 4
-    dot-product tiles spend as long on their horizontal sums and per-output scatter as on the products."""
-    if _op_mode is not None:
-        return _op_mode
-    return max(p.hidden, p.inter) <= OP_MAX_K
 
 
 @contextlib.contextmanager

@@ -22,12 +22,12 @@ from numba.extending import intrinsic, models, register_model
 __all__ = [
     "have_avx512_bf16", "host_cpu_name", "host_features",
     "V64u8", "V32u16", "V16u16", "V16f32", "V8u64",
-    "load_u8x64", "load_u16x32", "load_f32x16", "store_f32x16", "store_u16x16", "store_u8x64", "load_u64x8",
+    "load_u8x64", "load_f32x16", "store_f32x16", "store_u16x16", "store_u8x64", "load_u64x8",
     "zero_f32x16", "splat_f32x16", "splat_u8x64", "zero_u64x8",
-    "and_u8x64", "or_u8x64", "add_u8x64", "perm2_u8x64", "unpacklo_u8_to_u16", "unpackhi_u8_to_u16",
+    "and_u8x64", "or_u8x64", "add_u8x64", "perm2_u8x64", "unpacklo_u8_to_u16", "unpackhi_u8_to_u16", "as_u16x32",
     "dpbf16", "bcast2_u16x32", "store_transpose16_u32", "cvt_f32_bf16", "bf16_to_f32",
     "add_f32x16", "sub_f32x16", "mul_f32x16", "max_f32x16",
-    "hsum_f32x16", "hsum16_f32x16", "bitcast_u32_f32", "bitcast_f32_u32", "add_u64x8", "xor_u64x8", "hsum_u64x8", "prefetch", "prefetch_l2",
+    "bitcast_u32_f32", "bitcast_f32_u32", "add_u64x8", "xor_u64x8", "hsum_u64x8", "prefetch", "prefetch_l2",
 ]
 
 
@@ -124,7 +124,6 @@ def _make_load(vt: VecType):
 
 
 load_u8x64 = _make_load(V64u8)
-load_u16x32 = _make_load(V32u16)
 load_f32x16 = _make_load(V16f32)
 load_u64x8 = _make_load(V8u64)
 
@@ -263,6 +262,18 @@ unpackhi_u8_to_u16 = _unpack(True)
 
 
 @intrinsic
+def as_u16x32(typingctx, v):
+    """The 64 bytes of ``v`` reinterpreted as 32 uint16 words (no instruction)."""
+    if v != V64u8:
+        return None
+    sig = V32u16(v)
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], _llty(V32u16))
+    return sig, codegen
+
+
+@intrinsic
 def bcast2_u16x32(typingctx, arr, idx):
     """The two uint16 words arr[idx], arr[idx + 1] repeated over 32 words (one 32-bit broadcast load): the
     activation side of an outer-product ``dpbf16`` (16 output rows per vector, one k-pair per step)."""
@@ -370,51 +381,6 @@ def bf16_to_f32(typingctx, v):
         w = builder.zext(args[0], ir.VectorType(_I32, 16))
         w = builder.shl(w, ir.Constant(ir.VectorType(_I32, 16), [16] * 16))
         return builder.bitcast(w, _llty(V16f32))
-    return sig, codegen
-
-
-@intrinsic
-def hsum_f32x16(typingctx, v):
-    if v != V16f32:
-        return None
-    sig = types.float32(v)
-
-    def codegen(context, builder, sig, args):
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_F32, [_F32, _llty(V16f32)]), "llvm.vector.reduce.fadd.v16f32")
-        r = builder.call(fn, [ir.Constant(_F32, 0.0), args[0]])
-        return r
-    return sig, codegen
-
-
-_RED_MASKS = (
-    (list(range(0, 8)) + list(range(16, 24)), list(range(8, 16)) + list(range(24, 32))),
-    (list(range(0, 4)) + list(range(16, 20)) + list(range(8, 12)) + list(range(24, 28)),
-     list(range(4, 8)) + list(range(20, 24)) + list(range(12, 16)) + list(range(28, 32))),
-    ([0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29], [2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31]),
-    ([0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30], [1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31]),
-)
-# lane L of the tree's result sums input position _RED_ORDER[L] (a bit reversal, its own inverse)
-_RED_ORDER = (0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15)
-
-
-@intrinsic
-def hsum16_f32x16(typingctx, v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15):
-    """The 16 horizontal sums of 16 vectors as one vector (lane k = sum of input k), in 4 levels of
-    two shuffles + one add (15 adds, 30 shuffles) instead of 16 separate reductions."""
-    args = (v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15)
-    if any(a != V16f32 for a in args):
-        return None
-    sig = V16f32(*args)
-
-    def codegen(context, builder, sig, llargs):
-        vs = [llargs[_RED_ORDER[p]] for p in range(16)]
-        for lo, hi in _RED_MASKS:
-            mlo = ir.Constant(ir.VectorType(_I32, 16), lo)
-            mhi = ir.Constant(ir.VectorType(_I32, 16), hi)
-            vs = [builder.fadd(builder.shuffle_vector(vs[2 * i], vs[2 * i + 1], mlo),
-                               builder.shuffle_vector(vs[2 * i], vs[2 * i + 1], mhi)) for i in range(len(vs) // 2)]
-        return vs[0]
     return sig, codegen
 
 
