@@ -822,14 +822,19 @@ def _moe_fast(w1, w3, w2, s1, s3, s2, D, I, x, uniq, start, ptok, pw, nsplit, tb
             nr = min(SB, D - r0)
             ng = (nr + RG - 1) // RG
             acc[:, :] = 0.0
-            for u in range(sh * nu // nsh, (sh + 1) * nu // nsh):
+            base = r0 // RG * nb2 * 64
+            u1 = (sh + 1) * nu // nsh
+            for u in range(sh * nu // nsh, u1):
                 e = uniq[u]
                 p0 = start[u]
                 ne = start[u + 1] - p0
+                if u + 1 < u1:   # the next expert's block is elsewhere: start its stream now
+                    for off in range(0, min(PF_DIST, ng * nb2 * 64), 64):
+                        prefetch_l2(w2[uniq[u + 1]], base + off)
                 _prep_rows(hp, IS, noidx, p0, ne, s2[e, rb], nsplit, xs, 0, sx, IX)
                 i = 0
                 while i < ne:
-                    nj = _tile(w2[e], r0 // RG * nb2 * 64, ng, nb2 * 64, nb2, xs, 0, sx, IX, ne, nsplit, tbl, res, i)
+                    nj = _tile(w2[e], base, ng, nb2 * 64, nb2, xs, 0, sx, IX, ne, nsplit, tbl, res, i)
                     for j in range(nj):
                         t = ptok[p0 + i + j]
                         wt = pw[p0 + i + j]
