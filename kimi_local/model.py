@@ -303,7 +303,6 @@ class MLA(nn.Module):
             kvpe_all = None
         q_nope = q_nope.to(cd)
         T = end
-        mask = causal_mask(start_pos, S, x.device) if S > 1 else None   # [S, T]
 
         if mode == "auto":
             mode = "absorbed" if 4 * S <= T else "naive"
@@ -317,6 +316,7 @@ class MLA(nn.Module):
             kvb = torch.einsum("btc,hdc->bthd", c_all, wkv_b)             # kv_b_proj, per head
             o = self.fast.prefill(q_nope, q_pe, kvb, pe_all, start_pos) if self.fast is not None else None
             if o is None:
+                mask = causal_mask(start_pos, S, x.device) if S > 1 else None   # [S, T]
                 k_nope, v = kvb.split([self.nope, self.v_dim], dim=-1)
                 k = torch.cat([k_nope, pe_all.unsqueeze(2).expand(B, T, H, self.rope)], dim=-1)  # [B, T, H, Dq]
                 q = (torch.cat([q_nope, q_pe], dim=-1) * self.softmax_scale).transpose(1, 2).reshape(B * H, S, Dq)
@@ -335,6 +335,7 @@ class MLA(nn.Module):
             if kvpe_all is None:
                 kvpe_all = torch.cat([c_all, pe_all], dim=-1)
             scores = torch.bmm(q_cat, kvpe_all.transpose(1, 2)).float()    # [B, S*H, T]
+            mask = causal_mask(start_pos, S, x.device) if S > 1 else None   # [S, T]
             if mask is not None:
                 scores = (scores.view(B, S, H, T) + mask[:, None, :]).view(B, S * H, T)
             p = scores.softmax(dim=-1).to(cd)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from kimi_local.cpu_kernels.norm import MAX_ROWS, install
+from kimi_local.cpu_kernels.simd import have_avx512_bf16
 from kimi_local.model import RMSNorm
 
 
@@ -49,6 +50,29 @@ def test_fast_rms_norm_strided_input_and_special_values():
         n = x.clone()
         n[0, 3] = float("nan")
         assert torch.isnan(fast(n)[0]).all() and torch.isnan(ref(n)[0]).all()
+
+
+@pytest.mark.skipif(not have_avx512_bf16(), reason="the prefill-sized SIMD kernel needs AVX-512 BF16")
+@pytest.mark.parametrize("shape", [(1, 300, 192), (520, 96), (2, 40, 7168)])
+def test_simd_rms_norm_for_prefill_batches(shape):
+    """bf16 batches above MAX_ROWS rows take the SIMD kernel: the same rounding steps as torch (a last bit may
+    move with the order of the sum of squares), zero rows stay finite and NaN rows NaN; other widths decline."""
+    ref, fast = _pair(shape[-1], seed=7)
+    ref, fast = ref.to(torch.bfloat16), fast.to(torch.bfloat16)
+    x = (torch.randn(shape) * 3).to(torch.bfloat16)
+    x.view(-1, shape[-1])[5] = 0.0
+    x.view(-1, shape[-1])[9, 3] = float("nan")
+    with torch.inference_mode():
+        want, got = ref(x), fast(x)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    finite = torch.isfinite(want)
+    assert torch.equal(finite, torch.isfinite(got)) and torch.isnan(got.view(-1, shape[-1])[9]).all()
+    ulps = (got.float() - want.float()).abs()[finite] / want.float().abs()[finite].clamp_min(1e-30)
+    assert float((ulps > 2 ** -7).float().mean()) == 0.0
+    assert float((got[finite] != want[finite]).float().mean()) < 0.01
+    odd_ref, odd = _pair(72)
+    odd.to(torch.bfloat16)
+    assert odd.fast(torch.randn(MAX_ROWS + 1, 72).to(torch.bfloat16)) is None
 
 
 def test_fast_path_declines_what_it_does_not_cover():

@@ -22,12 +22,12 @@ from numba.extending import intrinsic, models, register_model
 __all__ = [
     "have_avx512_bf16", "host_cpu_name", "host_features",
     "V64u8", "V32u16", "V16u16", "V16f32", "V8u64",
-    "load_u8x64", "load_f32x16", "store_f32x16", "store_u16x16", "store_u8x64", "load_u64x8",
+    "load_u8x64", "load_f32x16", "load_u16x16", "store_f32x16", "store_u16x16", "store_u8x64", "load_u64x8",
     "zero_f32x16", "splat_f32x16", "splat_u8x64", "zero_u64x8",
     "and_u8x64", "or_u8x64", "add_u8x64", "perm2_u8x64", "unpacklo_u8_to_u16", "unpackhi_u8_to_u16", "as_u16x32",
     "dpbf16", "bcast2_u16x32", "store_transpose16_u32", "cvt_f32_bf16", "bf16_to_f32",
     "add_f32x16", "sub_f32x16", "mul_f32x16", "max_f32x16",
-    "bitcast_u32_f32", "bitcast_f32_u32", "add_u64x8", "xor_u64x8", "hsum_u64x8", "prefetch", "prefetch_l2",
+    "bitcast_u32_f32", "bitcast_f32_u32", "add_u64x8", "xor_u64x8", "hsum_f32x16", "hsum_u64x8", "prefetch", "prefetch_l2",
 ]
 
 
@@ -125,6 +125,7 @@ def _make_load(vt: VecType):
 
 load_u8x64 = _make_load(V64u8)
 load_f32x16 = _make_load(V16f32)
+load_u16x16 = _make_load(V16u16)
 load_u64x8 = _make_load(V8u64)
 
 
@@ -381,6 +382,20 @@ def bf16_to_f32(typingctx, v):
         w = builder.zext(args[0], ir.VectorType(_I32, 16))
         w = builder.shl(w, ir.Constant(ir.VectorType(_I32, 16), [16] * 16))
         return builder.bitcast(w, _llty(V16f32))
+    return sig, codegen
+
+
+@intrinsic
+def hsum_f32x16(typingctx, v):
+    """The sum of the 16 lanes."""
+    if v != V16f32:
+        return None
+    sig = types.float32(v)
+
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_F32, [_F32, _llty(V16f32)]), "llvm.vector.reduce.fadd.v16f32")
+        return builder.call(fn, [ir.Constant(_F32, 0.0), args[0]])   # a tree where the caller allows reassoc
     return sig, codegen
 
 
