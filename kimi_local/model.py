@@ -409,8 +409,9 @@ class Gate(nn.Module):
             self.e_score_correction_bias = nn.Parameter(torch.zeros(args.n_routed_experts, dtype=torch.float32))
         else:
             self.e_score_correction_bias = None
-        # Optional fast path for the selection, ``fast(scores) -> (idx, w) | None``: the loader installs the CPU
-        # kernel (kimi_local.cpu_kernels.router) on CPU models; the torch code below is its reference.
+        # Optional fast paths, ``fast.logits(x) -> float32 logits | None`` and for the selection ``fast(scores) ->
+        # (idx, w) | None``: the loader installs the CPU kernels (kimi_local.cpu_kernels.router) on CPU models; the
+        # torch code below is their reference.
         self.fast = None
 
     def _weight_f32(self) -> torch.Tensor:
@@ -420,7 +421,9 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.args
-        logits = F.linear(x.float(), self._weight_f32())               # [N, E]; fp32: near-ties flip top-k
+        logits = self.fast.logits(x) if self.fast is not None else None
+        if logits is None:
+            logits = F.linear(x.float(), self._weight_f32())           # [N, E]; fp32: near-ties flip top-k
         scores = logits.sigmoid() if a.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         if self.fast is not None:
             picked = self.fast(scores)

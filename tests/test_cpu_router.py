@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from kimi_local.config import ModelArgs
-from kimi_local.cpu_kernels.router import PARALLEL_MIN_ROWS, install
+from kimi_local.cpu_kernels.router import PARALLEL_MIN_ROWS, install, logits, pack_weight
+from kimi_local.cpu_kernels.simd import have_avx512_bf16
 from kimi_local.model import Gate
 
 CASES = {   # (n_routed_experts, k, n_group, topk_group, topk_method, scoring_func, norm_topk_prob)
@@ -110,3 +111,32 @@ def test_loader_installs_fast_router_on_cpu(tiny_dir):
             g.fast = None
         b = m(tokens)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not have_avx512_bf16(), reason="the logits kernel needs AVX-512 BF16")
+@pytest.mark.parametrize("N,D,E", [(1, 64, 384), (7, 192, 384), (37, 200, 20), (300, 96, 256), (9, 7168, 48)])
+def test_logits_kernel_matches_float32_linear(N, D, E):
+    """bf16 x bf16 products are exact in float32: the kernel's logits equal torch's float32 linear up to the
+    order of the float32 sums (every token count: 8-token blocks, single tokens, parallel chunks; expert counts
+    that are and are not multiples of 16)."""
+    g = torch.Generator().manual_seed(N + D)
+    x = torch.randn(N, D, generator=g).to(torch.bfloat16)
+    w = (torch.randn(E, D, generator=g) * 0.1).to(torch.bfloat16)
+    want = torch.nn.functional.linear(x.float(), w.float())
+    got = logits(x, pack_weight(w), E)
+    assert got.dtype == torch.float32 and got.shape == (N, E)
+    torch.testing.assert_close(got, want, rtol=0, atol=4e-7 * D ** 0.5 * float(want.abs().max()))
+
+
+@pytest.mark.skipif(not have_avx512_bf16(), reason="the logits kernel needs AVX-512 BF16")
+def test_bf16_gate_uses_logits_kernel_and_keeps_the_selection():
+    """A bf16 Gate computes its logits with the kernel (float32 or float16 inputs stay on torch) and selects the
+    same experts as its torch code."""
+    ref, fast = _gates("k2", seed=3, hidden=192)
+    ref, fast = ref.to(torch.bfloat16), fast.to(torch.bfloat16)
+    ref.e_score_correction_bias.data = ref.e_score_correction_bias.data.float()
+    fast.e_score_correction_bias.data = fast.e_score_correction_bias.data.float()
+    x = torch.randn(300, 192, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    assert fast.fast.logits(x) is not None
+    assert fast.fast.logits(x.float()) is None and fast.fast.logits(x.half()) is None
+    _same_selection(ref, fast, x)
