@@ -808,22 +808,23 @@ def _moe_fast(w1, w3, w2, s1, s3, s2, D, I, x, uniq, start, ptok, pw, nsplit, tb
                 i += nj
     # ---------------------------------------------------------------- phase B: down, (row block, expert share) tasks
     # Each task sums its experts' outputs for one 128-row block of every token.  With fewer row blocks than
-    # workers x 4 (small models) the experts are shared out too, and the shares' partial sums added at the end.
-    nsh = 1 if nrb2 >= 4 * nw else min(nu, (4 * nw + nrb2 - 1) // nrb2)
-    part = np.empty((nsh if nsh > 1 else 0, T, D), np.float32)
+    # workers x 4 (small models) every worker takes its own share of the experts over all row blocks, and the
+    # shares' partial sums are added at the end.
+    nsh = 1 if nrb2 >= 4 * nw else nw
+    part = np.empty((nsh - 1, T, D), np.float32)
     ntask = nrb2 * nsh
     for wk in prange(nw):
-        acc = np.empty((T, SB), np.float32)
+        acc = np.empty(T * SB, np.float32)
         res = np.empty(SB // RG * TILE * RG, np.float32)
         sx = nsplit * IX
         xs = np.empty(nemax * sx, np.uint16)
         for task in range(wk * ntask // nw, (wk + 1) * ntask // nw):
-            sh = task // nrb2                  # share-major: the row blocks' unequal sizes spread over workers
+            sh = task // nrb2
             rb = task - sh * nrb2
             r0 = rb * SB
             nr = min(SB, D - r0)
             ng = (nr + RG - 1) // RG
-            acc[:, :] = 0.0
+            acc[:] = 0.0
             base = r0 // RG * nb2 * 64
             u1 = (sh + 1) * nu // nsh
             for u in range(sh * nu // nsh, u1):
@@ -838,21 +839,22 @@ def _moe_fast(w1, w3, w2, s1, s3, s2, D, I, x, uniq, start, ptok, pw, nsplit, tb
                 while i < ne:
                     nj = _tile(w2[e], base, ng, nb2 * 64, nb2, xs, 0, sx, IX, ne, nsplit, tbl, res, i)
                     for j in range(nj):
-                        t = ptok[p0 + i + j]
-                        wt = pw[p0 + i + j]
+                        ao = ptok[p0 + i + j] * SB
+                        wt = splat_f32x16(pw[p0 + i + j])
                         for gi in range(ng):
-                            for r in range(RG):
-                                acc[t, gi * RG + r] += wt * res[(gi * TILE + j) * RG + r]
+                            a = ao + gi * RG
+                            store_f32x16(acc, a, add_f32x16(load_f32x16(acc, a),
+                                                            mul_f32x16(wt, load_f32x16(res, (gi * TILE + j) * RG))))
                     i += nj
-            dst = out if nsh == 1 else part[sh]
+            dst = out if sh == 0 else part[sh - 1]
             for t in range(T):
                 for r in range(nr):
-                    dst[t, r0 + r] = acc[t, r]
+                    dst[t, r0 + r] = acc[t * SB + r]
     if nsh > 1:
         for t in prange(T):
             for r in range(D):
-                v = part[0, t, r]
-                for sh in range(1, nsh):
+                v = out[t, r]
+                for sh in range(nsh - 1):
                     v += part[sh, t, r]
                 out[t, r] = v
     return out
