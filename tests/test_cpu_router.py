@@ -88,6 +88,31 @@ def test_fast_router_ties_and_nan():
     assert torch.topk(scores[1], 1)[1].item() == 2   # torch agrees on the NaN
 
 
+def test_fast_router_block_prefilter_keeps_exact_top_k():
+    """K2-sized rows (384 experts, top-8) take the block-maximum prefilter: the winners must be exactly the 8
+    best (value first, then the lower id), with ties straddling the threshold, repeated block maxima, -inf and
+    all-equal rows."""
+    ref, fast = _gates("k2")
+    with torch.no_grad():
+        fast.e_score_correction_bias.zero_()
+    g = torch.Generator().manual_seed(5)
+    rows = [torch.rand(384, generator=g) for _ in range(3)]
+    r = torch.zeros(384)
+    r[[3, 40, 41, 77, 200, 201, 202, 203, 383, 17]] = 0.5    # ten-way tie for eight places
+    rows.append(r)
+    r = torch.full((384,), -float("inf"))
+    r[[5, 300]] = 1.0                                           # only two finite candidates
+    rows.append(r)
+    rows.append(torch.full((384,), 0.25))                       # all equal
+    r = (torch.arange(384) % 16).float() / 16                   # every block has the same maximum
+    rows.append(r)
+    scores = torch.stack(rows)
+    idx, _ = fast.fast(scores)
+    for row, got in zip(scores.tolist(), idx.tolist()):
+        want = sorted(range(384), key=lambda j: (-row[j], j))[:8]
+        assert got == want
+
+
 def test_fast_router_declines_and_follows_bias_updates():
     ref, fast = _gates("k2")
     x = torch.randn(5, 64, requires_grad=True)

@@ -11,8 +11,10 @@ AVX-512 BF16 only, bf16 activations and weights only; anything else stays on tor
 torch), the selection adds the correction bias, keeps the best ``topk_group`` groups when the model is
 group-limited, takes the top ``num_experts_per_tok`` experts, reads their *unbiased* scores, normalises them and
 applies ``routed_scaling_factor`` -- what :class:`kimi_local.model.Gate` does in torch.  torch's ``topk`` costs
-~4 ns per candidate on CPU (0.8 ms for a 512-token prefill of a 384-expert layer); a single pass that keeps
-the k best in a small sorted list costs a fraction of that, and a decode step saves the per-op overheads.
+~4 ns per candidate on CPU (0.8 ms for a 512-token prefill of a 384-expert layer); a pass that keeps the k best
+in a small sorted list costs a fraction of that, and a decode step saves the per-op overheads.  Without groups
+the pass first takes the k-th best of the 16-wide blocks' maxima, which no winner can be below, and then scans
+only the blocks that reach it (~k of E / 16): 350 -> 110 us for that 512-token prefill.
 
 Ties keep the lower expert id; a NaN score ranks above every number (as torch's ``topk`` ranks it).
 :func:`install` hands the fast paths to every Gate of a CPU model; the Gate's torch code stays the reference
@@ -68,8 +70,11 @@ def _insert(vals, ids, n, k, v, j):
 def _select_row(s, bias, has_bias, n_group, topk_group, group_mode, k, norm, scale, idx_out, w_out,
                 choice, gscore, gkeep, vals, ids, gv, gi):
     E = s.shape[0]
+    nan = False
     for j in range(E):
-        choice[j] = s[j] + bias[j] if has_bias else s[j]
+        c = s[j] + bias[j] if has_bias else s[j]
+        choice[j] = c
+        nan |= c != c
     if n_group > 1:
         gsz = E // n_group
         top = 1 if group_mode == GROUP_MAX else 2
@@ -91,6 +96,24 @@ def _select_row(s, bias, has_bias, n_group, topk_group, group_mode, k, norm, sca
                 # groups left out rank as -inf (as the torch code masks them); kept ones by their value
                 v = choice[j] if gkeep[g] else -np.inf
                 n = _insert(vals, ids, n, k, v, j)
+    elif E % 16 == 0 and E >= 16 * k and not nan:
+        # The k-th best of the 16-wide blocks' maxima is at most the k-th best value (k distinct elements reach
+        # it), so only blocks whose maximum reaches it can hold a winner: ~k blocks of E / 16 are scanned.
+        nb = E // 16
+        m = 0
+        for b in range(nb):
+            mx = choice[16 * b]
+            for j in range(16 * b + 1, 16 * b + 16):
+                mx = max(mx, choice[j])
+            gscore[b] = mx
+            m = _insert(gv, gi, m, k, mx, b)
+        tau = gv[k - 1]
+        n = 0
+        for b in range(nb):
+            if gscore[b] >= tau:
+                for j in range(16 * b, 16 * b + 16):
+                    if choice[j] >= tau:
+                        n = _insert(vals, ids, n, k, choice[j], j)
     else:
         n = 0
         for j in range(E):
@@ -113,12 +136,12 @@ def _rows(scores, bias, has_bias, n_group, topk_group, group_mode, k, norm, scal
     """Rows t0 .. t1 - 1, with their scratch allocated once."""
     E = scores.shape[1]
     choice = np.empty(E, np.float32)
-    gscore = np.empty(max(n_group, 1), np.float32)
+    gscore = np.empty(max(n_group, E // 16, 1), np.float32)      # group scores, or the 16-wide blocks' maxima
     gkeep = np.empty(max(n_group, 1), np.bool_)
     vals = np.empty(max(k, 2), np.float32)
     ids = np.empty(max(k, 2), np.int64)
-    gv = np.empty(max(topk_group, 1), np.float32)
-    gi = np.empty(max(topk_group, 1), np.int64)
+    gv = np.empty(max(topk_group, k, 1), np.float32)
+    gi = np.empty(max(topk_group, k, 1), np.int64)
     for t in range(t0, t1):
         _select_row(scores[t], bias, has_bias, n_group, topk_group, group_mode, k, norm, scale, idx[t], w[t],
                     choice, gscore, gkeep, vals, ids, gv, gi)
