@@ -313,7 +313,7 @@ class MLA(nn.Module):
             # Keys are [k_nope, k_pe] with the one shared k_pe repeated per head, so one batched product scores
             # both parts, and the causal mask rides in as the product's initial value (baddbmm).
             Dq = self.nope + self.rope
-            kvb = torch.einsum("btc,hdc->bthd", c_all, wkv_b)             # kv_b_proj, per head
+            kvb = F.linear(c_all, wkv_b.flatten(0, 1)).view(B, T, H, -1)  # kv_b_proj: [B, T, H, Dn + Dv]
             o = self.fast.prefill(q_nope, q_pe, kvb, pe_all, start_pos) if self.fast is not None else None
             if o is None:
                 mask = causal_mask(start_pos, S, x.device) if S > 1 else None   # [S, T]
