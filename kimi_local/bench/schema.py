@@ -85,6 +85,8 @@ K2_LAYER = obj({
     "mem_read_gbps": POS,
     "decode": obj({"seconds_per_layer": POS, "weight_bytes_per_layer": INT0, "gbps": POS}),
     "decode_bw_fraction": NUM0,
+    "decode_bw_fraction_bursts": {"type": "array", "items": NUM0, "minItems": 1},
+    "decode_bw_fraction_vs_run_max": NUM0,
     "prefill": obj({"tokens": INT0, "tokens_per_expert": NUM0, "seconds": POS, "tokens_per_s": POS,
                     "effective_gbps": POS, "seconds_per_full_layer_512_tokens": POS}),
     "nonrouted_cpu": _nonrouted,
