@@ -3,9 +3,10 @@
 A model directory holds ``config.json`` and either ``model.safetensors.index.json`` + shards or a single
 ``model.safetensors``.  The whole checkpoint is validated from the safetensors *headers* first (names,
 shapes, dtypes, FP8 scales, shards present and long enough) so a bad checkpoint fails before a single
-weight is read; then tensors are read one at a time (mmap) straight into their final place, never the
-whole checkpoint at once.  A load that fails part-way raises and leaves nothing behind: the half-built
-model is local to :func:`load_model` and is dropped with the exception.
+weight is read; then tensors are read with pread one at a time (an expert's three weights at once, through a
+buffer each loader thread reuses, into the packed expert store), never the whole checkpoint at once.  A load that
+fails part-way raises and leaves nothing behind: the half-built model is local to :func:`load_model` and is
+dropped with the exception.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
+import numpy as np
 import torch
 
 from kimi_local.config import ModelArgs
@@ -368,16 +370,69 @@ def load_model(model_dir: str, *, device="cpu", dtype: torch.dtype = torch.bfloa
             if progress is not None:
                 progress(done, total)
 
+    # An expert store that takes an expert's three FP8 projections at once (add_expert) gets one task per expert:
+    # its weights are read into a buffer the thread reuses and its scales checked, then it packs them; a third of
+    # the tasks (and of their Python overhead) of one per tensor, and no fresh read buffers.
+    add_expert = getattr(experts, "add_expert", None)
+    tasks: list = []
+    if add_expert is not None:
+        groups: dict = {}
+        for item in plan:
+            if item.kind == "expert" and item.scale is not None:
+                groups.setdefault((item.layer, item.expert), {})[item.proj] = item
+        entered = set()
+        for item in plan:      # plan order (file, offset): an expert enters at the first of its tensors
+            key = (item.layer, item.expert)
+            if item.kind != "expert" or len(groups.get(key, ())) < 3:
+                tasks.append(item)
+            elif key not in entered:
+                entered.add(key)
+                tasks.append(groups[key])
+    else:
+        tasks = list(plan)
+
+    scratch = threading.local()      # one reused read buffer per loader thread (warm memory, no allocation)
+
+    def load_expert(parts: dict) -> None:
+        nonlocal done
+        items = [parts[p] for p in ("gate_proj", "up_proj", "down_proj")]
+        first = items[0]
+        sizes = [reader.tensors[i.name].nbytes for i in items]
+        buf = getattr(scratch, "buf", None)
+        if buf is None or buf.size < sum(sizes):
+            buf = scratch.buf = np.empty(sum(sizes), np.uint8)
+        arrays, off = [], 0
+        for item, n in zip(items, sizes):
+            s = reader.get(item.scale)
+            if not torch.isfinite(s).all():
+                raise CheckpointError(f"tensor '{item.scale}' in {reader.tensors[item.scale].file} contains NaN "
+                                      "or inf scales")
+            q = buf[off: off + n]
+            reader.read_into(item.name, memoryview(q))
+            arrays += [q.reshape(reader.tensors[item.name].shape), s.numpy()]
+            off += n
+        add_expert(first.layer, first.expert, *arrays)
+        with lock:
+            done += sum(reader.tensors[i.name].nbytes + reader.tensors[i.scale].nbytes for i in items)
+            if progress is not None:
+                progress(done, total)
+
+    def run(task) -> None:
+        if isinstance(task, dict):
+            load_expert(task)
+        else:
+            load_item(task)
+
     # Reads (pread), dequantisation and expert packing release the GIL: a few threads overlap them.
-    # In-flight memory stays at one tensor per thread.
+    # In-flight memory stays at one tensor (or expert) per thread.
     workers = max(1, min(load_threads or torch.get_num_threads(), 8))
     try:
         if workers == 1:
-            for item in plan:
-                load_item(item)
+            for task in tasks:
+                run(task)
         else:
             with cf.ThreadPoolExecutor(workers, thread_name_prefix="kimi-load") as pool:
-                futures = [pool.submit(load_item, item) for item in plan]
+                futures = [pool.submit(run, task) for task in tasks]
                 try:
                     for fut in cf.as_completed(futures):
                         fut.result()          # the first failure stops the load

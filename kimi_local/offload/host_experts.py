@@ -1,9 +1,10 @@
 """Routed experts held in host RAM as packed FP8 and computed by the Numba CPU kernels.
 
 This is the default expert backend on every machine: the loader hands each expert's three FP8
-projections to :meth:`NumbaRoutedExperts.add`; once all three are in, they are packed straight into the
-layer's :class:`~kimi_local.cpu_kernels.fp8_moe.PackedExperts` (the only copy kept), and a MoE layer
-call runs :func:`~kimi_local.cpu_kernels.fp8_moe.moe_forward` on them.
+projections to :meth:`NumbaRoutedExperts.add_expert` (all three at once) or one at a time to
+:meth:`NumbaRoutedExperts.add`; they are packed into the layer's
+:class:`~kimi_local.cpu_kernels.fp8_moe.PackedExperts` (the only copy kept), and a MoE layer call runs
+:func:`~kimi_local.cpu_kernels.fp8_moe.moe_forward` on them.
 """
 
 from __future__ import annotations
@@ -89,6 +90,14 @@ class NumbaRoutedExperts:
                 self.layers[layer_id].set_slot(expert_id, *g, *u, *d)
             except ValueError as e:  # e.g. an e4m3 NaN code: name the expert
                 raise CheckpointError(f"model.layers.{layer_id}.mlp.experts.{expert_id}: {e}") from None
+
+    def add_expert(self, layer_id: int, expert_id: int, w1_q, w1_s, w3_q, w3_s, w2_q, w2_s) -> None:
+        """One expert's three FP8 projections at once: uint8 e4m3 arrays (only read, by the packer: a reused read
+        buffer is fine) and float32 scale grids."""
+        try:
+            self.layers[layer_id].set_slot(expert_id, w1_q, w1_s, w3_q, w3_s, w2_q, w2_s)
+        except ValueError as e:  # e.g. an e4m3 NaN code: name the expert
+            raise CheckpointError(f"model.layers.{layer_id}.mlp.experts.{expert_id}: {e}") from None
 
     def finalize(self) -> None:
         """Check every expert arrived, then compile the kernels now (never on the first token)."""
