@@ -120,6 +120,10 @@ def test_offload_quick(tmp_path):
     assert 0 <= off["predictor"]["precision"] <= 1 and 0 <= off["predictor"]["recall"] <= 1
     assert {r["policy"] for r in off["cachesim"]} == {"lru", "lfu", "predictive"}
     assert (tmp_path / "p.png").stat().st_size > 0
+    # the readable summary carries the table, one row per budget
+    assert "offload (" in out and "cachesim" in out
+    rows = [ln for ln in out.splitlines() if ln.strip().startswith(("100%", "50%", "25%"))]
+    assert len(rows) == 5 and f"{full['decode_tok_s']:.1f}" in rows[0]
 
 
 # ------------------------------------------------------------------------------------------ schema unit tests

@@ -110,6 +110,24 @@ def summary(doc: dict) -> str:
         lines.append(f"  peak RSS {fmt_bytes(ld['peak_rss_bytes'])} (baseline {fmt_bytes(ld['baseline_rss_bytes'])}); "
                      f"growth {ld['peak_rss_over_resident']:.2f}x the {fmt_bytes(ld['resident_bytes'])} kept resident "
                      f"(anonymous {ld['peak_anon_over_resident']:.2f}x)  [goal 1.2]")
+    off = doc.get("offload")
+    if off:
+        lines.append("\noffload (decode with a RAM budget for the routed experts, the rest read from the checkpoint):")
+        lines.append("  expert RAM  prefetch  decode tok/s  RAM hit rate  disk bytes/token  precision / recall")
+        for r in off.get("disk_tier", []):
+            pr = (f"{r['prediction_precision']:.2f} / {r['prediction_recall']:.2f}"
+                  if r.get("prediction_precision") is not None and r["expert_ram"] != "100%" else "-")
+            lines.append(f"  {r['expert_ram']:>10}  {'on' if r['prefetch'] else 'off':>8}  {r['decode_tok_s']:12.1f}  "
+                         f"{r['ram_hit_rate']:12.2f}  {fmt_bytes(r['disk_bytes_per_token']):>16}  {pr}")
+        sims = off.get("cachesim") or []
+        if sims:
+            slots = sorted({c["slots"] for c in sims})
+            pols = sorted({c["policy"] for c in sims})
+            lines.append("  cachesim (synthetic K2-shaped trace), hit rate by slots per layer:")
+            lines.append("    slots  " + "  ".join(f"{p:>10}" for p in pols))
+            for n in slots:
+                row = {c["policy"]: c["hit_rate"] for c in sims if c["slots"] == n}
+                lines.append(f"    {n:5d}  " + "  ".join(f"{_f(row.get(p), '.3f'):>10}" for p in pols))
     s = doc.get("seconds", {})
     lines.append(f"\n(bench took {s.get('total', 0):.1f} s)")
     return "\n".join(lines)
