@@ -25,13 +25,13 @@ def _pair(dim, eps=1e-6, seed=0):
 def test_fast_rms_norm_matches_torch(dtype, shape):
     ref, fast = _pair(shape[-1], seed=shape[-1])
     ref, fast = ref.to(dtype), fast.to(dtype)
-    x = (torch.randn(shape) * 3).to(dtype)
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape))) * 3).to(dtype)
     with torch.inference_mode():
         want, got = ref(x), fast(x)
     assert got.dtype == dtype and got.shape == want.shape
-    if dtype == torch.bfloat16:   # the same rounding steps; mean-of-squares order may move a last bit
-        ulps = (got.float() - want.float()).abs() / want.float().abs().clamp_min(1e-30)
-        assert float((ulps > 2 ** -7).float().mean()) == 0.0
+    if dtype == torch.bfloat16:   # the same rounding steps; mean-of-squares order may move a last bit (see below)
+        rel = (got.float() - want.float()).abs() / want.float().abs().clamp_min(1e-30)
+        assert float(rel.max()) <= 1.5 * 2 ** -7
         assert float((got != want).float().mean()) < 0.01
     else:
         torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
@@ -59,7 +59,7 @@ def test_simd_rms_norm_for_prefill_batches(shape):
     move with the order of the sum of squares), zero rows stay finite and NaN rows NaN; other widths decline."""
     ref, fast = _pair(shape[-1], seed=7)
     ref, fast = ref.to(torch.bfloat16), fast.to(torch.bfloat16)
-    x = (torch.randn(shape) * 3).to(torch.bfloat16)
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(shape[-1])) * 3).to(torch.bfloat16)
     x.view(-1, shape[-1])[5] = 0.0
     x.view(-1, shape[-1])[9, 3] = float("nan")
     with torch.inference_mode():
@@ -67,8 +67,10 @@ def test_simd_rms_norm_for_prefill_batches(shape):
     assert got.dtype == torch.bfloat16 and got.shape == want.shape
     finite = torch.isfinite(want)
     assert torch.equal(finite, torch.isfinite(got)) and torch.isnan(got.view(-1, shape[-1])[9]).all()
-    ulps = (got.float() - want.float()).abs()[finite] / want.float().abs()[finite].clamp_min(1e-30)
-    assert float((ulps > 2 ** -7).float().mean()) == 0.0
+    # a sum of 7168 squares in another order can move the scale by an ulp and flip the first rounding (to bf16,
+    # before the weight): at most one bf16 step there, plus half a step in the second rounding
+    rel = (got.float() - want.float()).abs()[finite] / want.float().abs()[finite].clamp_min(1e-30)
+    assert float(rel.max()) <= 1.5 * 2 ** -7
     assert float((got[finite] != want[finite]).float().mean()) < 0.01
     odd_ref, odd = _pair(72)
     odd.to(torch.bfloat16)

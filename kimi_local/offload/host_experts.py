@@ -86,10 +86,7 @@ class NumbaRoutedExperts:
                 del self._pending[key]
         if complete:
             g, u, d = (fp8_numpy(parts[p]) for p in PROJS)
-            try:
-                self.layers[layer_id].set_slot(expert_id, *g, *u, *d)
-            except ValueError as e:  # e.g. an e4m3 NaN code: name the expert
-                raise CheckpointError(f"model.layers.{layer_id}.mlp.experts.{expert_id}: {e}") from None
+            self.add_expert(layer_id, expert_id, *g, *u, *d)
 
     def add_expert(self, layer_id: int, expert_id: int, w1_q, w1_s, w3_q, w3_s, w2_q, w2_s) -> None:
         """One expert's three FP8 projections at once: uint8 e4m3 arrays (only read, by the packer: a reused read
