@@ -75,6 +75,13 @@ def test_simd_rms_norm_for_prefill_batches(shape):
     odd_ref, odd = _pair(72)
     odd.to(torch.bfloat16)
     assert odd.fast(torch.randn(MAX_ROWS + 1, 72).to(torch.bfloat16)) is None
+    # rows whose elements are not adjacent (a transposed view) decline too; a split view (MLA's c_kv) is fine
+    assert fast.fast(x.reshape(-1, shape[-1]).t().contiguous().t()) is None
+    wide = (torch.randn(MAX_ROWS + 1, shape[-1] + 16) * 3).to(torch.bfloat16)
+    with torch.inference_mode():
+        part = wide[:, : shape[-1]]
+        assert not part.is_contiguous()
+        torch.testing.assert_close(fast(part), ref(part), rtol=1.5 * 2 ** -7, atol=0)
 
 
 def test_fast_path_declines_what_it_does_not_cover():
