@@ -41,7 +41,9 @@ Design (issue 4, "CPU expert kernels"):
   with the classic "+1 exponent, subtract 2^-6" fix-up; no float32 denormal is ever formed (FTZ/DAZ-safe).
 * **Work split.** Gate/up (fused: one task computes a 128-row block of both and writes silu(g)*u) are split
   over (expert, 128-row block) tasks; down over 128-row blocks of the output (each task loops over the
-  experts, so no two threads write the same output row).
+  experts, so no two threads write the same output row).  Models with fewer than 4 row blocks per thread (small
+  hidden sizes) also give each thread its own share of the experts in the down projection, and add the shares'
+  partial sums at the end.  Each thread takes a contiguous range of tasks and keeps its own scratch.
 * **Memory system.** The weight streams are software-prefetched ``PF_DIST`` bytes ahead *into L2*
   (prefetcht2): L1 prefetches are limited by the L1 fill buffers and left the compute-light GEMV at ~0.5 of the
   DRAM read ceiling on one core; L2 prefetches keep enough misses in flight to reach ~0.7-0.8.
