@@ -22,7 +22,8 @@ from numba.extending import intrinsic, models, register_model
 __all__ = [
     "have_avx512_bf16", "host_cpu_name", "host_features",
     "V64u8", "V32u16", "V16u16", "V16f32", "V8u64",
-    "load_u8x64", "load_f32x16", "load_u16x16", "load_u16x32", "store_f32x16", "store_u16x16", "store_u8x64", "load_u64x8",
+    "load_u8x64", "load_f32x16", "load_u16x16", "load_u16x32", "load_u64x8",
+    "store_f32x16", "store_u16x16", "store_u8x64",
     "zero_f32x16", "splat_f32x16", "splat_u8x64", "zero_u64x8",
     "and_u8x64", "or_u8x64", "add_u8x64", "perm2_u8x64", "unpacklo_u8_to_u16", "unpackhi_u8_to_u16", "as_u16x32",
     "dpbf16", "bcast2_u16x32", "store_transpose16_u32", "cvt_f32_bf16", "bf16_to_f32",
