@@ -297,10 +297,15 @@ def read_weight(reader: CheckpointReader, item: PlanItem, block) -> object:
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise CheckpointError(f"tensor '{item.name}' in {reader.tensors[item.name].file} contains NaN or inf")
         return t
+    return FP8BlockWeight(t, read_scale(reader, item), block)
+
+
+def read_scale(reader: CheckpointReader, item: PlanItem) -> torch.Tensor:
+    """The float32 scale grid of an FP8 plan item; NaN or inf scales are a CheckpointError."""
     s = reader.get(item.scale).float()
     if not torch.isfinite(s).all():
         raise CheckpointError(f"tensor '{item.scale}' in {reader.tensors[item.scale].file} contains NaN or inf scales")
-    return FP8BlockWeight(t, s, block)
+    return s
 
 
 def make_experts(args: ModelArgs, backend):
@@ -343,14 +348,16 @@ def load_model(model_dir: str, *, device="cpu", dtype: torch.dtype = torch.bfloa
     accepts = getattr(experts, "accepts", None)
     if accepts is not None:
         plan = [p for p in plan if p.kind != "expert" or accepts(p.layer, p.expert)]
-    total = sum(reader.tensors[p.name].nbytes + (reader.tensors[p.scale].nbytes if p.scale else 0) for p in plan)
+    def nbytes(item: PlanItem) -> int:
+        return reader.tensors[item.name].nbytes + (reader.tensors[item.scale].nbytes if item.scale else 0)
+
+    total = sum(nbytes(p) for p in plan)
     done = 0
     block = args.weight_block_size
     t0 = time.perf_counter()
     lock = threading.Lock()
 
     def load_item(item: PlanItem) -> None:
-        nonlocal done
         w = read_weight(reader, item, block)
         if item.kind == "expert":
             experts.add(item.layer, item.expert, item.proj, w)
@@ -365,8 +372,12 @@ def load_model(model_dir: str, *, device="cpu", dtype: torch.dtype = torch.bfloa
                 # copy=True: the parameter must own its memory, never alias the read buffer.
                 t = w.to(device=device, dtype=torch.float32 if is_fp32 else dtype, copy=True)
             _set_param(model, item.name, t)
+        advance(nbytes(item))
+
+    def advance(n: int) -> None:
+        nonlocal done
         with lock:
-            done += reader.tensors[item.name].nbytes + (reader.tensors[item.scale].nbytes if item.scale else 0)
+            done += n
             if progress is not None:
                 progress(done, total)
 
@@ -394,7 +405,6 @@ def load_model(model_dir: str, *, device="cpu", dtype: torch.dtype = torch.bfloa
     scratch = threading.local()      # one reused read buffer per loader thread (warm memory, no allocation)
 
     def load_expert(parts: dict) -> None:
-        nonlocal done
         items = [parts[p] for p in ("gate_proj", "up_proj", "down_proj")]
         first = items[0]
         sizes = [reader.tensors[i.name].nbytes for i in items]
@@ -403,19 +413,13 @@ def load_model(model_dir: str, *, device="cpu", dtype: torch.dtype = torch.bfloa
             buf = scratch.buf = np.empty(sum(sizes), np.uint8)
         arrays, off = [], 0
         for item, n in zip(items, sizes):
-            s = reader.get(item.scale)
-            if not torch.isfinite(s).all():
-                raise CheckpointError(f"tensor '{item.scale}' in {reader.tensors[item.scale].file} contains NaN "
-                                      "or inf scales")
+            s = read_scale(reader, item)
             q = buf[off: off + n]
             reader.read_into(item.name, memoryview(q))
             arrays += [q.reshape(reader.tensors[item.name].shape), s.numpy()]
             off += n
         add_expert(first.layer, first.expert, *arrays)
-        with lock:
-            done += sum(reader.tensors[i.name].nbytes + reader.tensors[i.scale].nbytes for i in items)
-            if progress is not None:
-                progress(done, total)
+        advance(sum(nbytes(i) for i in items))
 
     def run(task) -> None:
         if isinstance(task, dict):

@@ -77,7 +77,6 @@ __all__ = ["PackedExperts", "moe_forward", "moe_forward_ref", "set_num_threads",
            "RG", "KALIGN"]
 
 RG = 16         # rows per group: one decoded vector = 16 rows x one column pair
-BLOCK_COLS = 4  # columns per 64-byte block (16 rows x 4 columns)
 KALIGN = 8      # columns are padded to a multiple of this (the GEMV reads two blocks per step)
 TILE = 16       # widest token tile (one accumulator vector per token, all in registers)
 PF_DIST = 8192  # software-prefetch distance (bytes, into L2) of the weight streams (compile-time constant)
@@ -259,6 +258,12 @@ def _block_shuffle(typingctx, v):
     return sig, codegen
 
 
+@njit(inline="always", nogil=True, cache=True)
+def _nan_bits(v, m7, one):
+    """((b & 0x7F) + 1): bit 7 is set exactly for the e4m3 NaN codes 0x7F / 0xFF."""
+    return add_u8x64(and_u8x64(v, m7), one)
+
+
 @njit(nogil=True, cache=True)
 def _pack_count_nan(q, out):
     """_pack_matrix and the e4m3 NaN-code count in one pass over q; returns the count.  Whole 16-row x 64-column
@@ -300,14 +305,14 @@ def _pack_count_nan(q, out):
             v13 = load_u8x64(flat, o + 13 * C)
             v14 = load_u8x64(flat, o + 14 * C)
             v15 = load_u8x64(flat, o + 15 * C)
-            a = or_u8x64(or_u8x64(or_u8x64(add_u8x64(and_u8x64(v0, m7), one), add_u8x64(and_u8x64(v1, m7), one)),
-                                  or_u8x64(add_u8x64(and_u8x64(v2, m7), one), add_u8x64(and_u8x64(v3, m7), one))),
-                         or_u8x64(or_u8x64(add_u8x64(and_u8x64(v4, m7), one), add_u8x64(and_u8x64(v5, m7), one)),
-                                  or_u8x64(add_u8x64(and_u8x64(v6, m7), one), add_u8x64(and_u8x64(v7, m7), one))))
-            b = or_u8x64(or_u8x64(or_u8x64(add_u8x64(and_u8x64(v8, m7), one), add_u8x64(and_u8x64(v9, m7), one)),
-                                  or_u8x64(add_u8x64(and_u8x64(v10, m7), one), add_u8x64(and_u8x64(v11, m7), one))),
-                         or_u8x64(or_u8x64(add_u8x64(and_u8x64(v12, m7), one), add_u8x64(and_u8x64(v13, m7), one)),
-                                  or_u8x64(add_u8x64(and_u8x64(v14, m7), one), add_u8x64(and_u8x64(v15, m7), one))))
+            a = or_u8x64(or_u8x64(or_u8x64(_nan_bits(v0, m7, one), _nan_bits(v1, m7, one)),
+                                  or_u8x64(_nan_bits(v2, m7, one), _nan_bits(v3, m7, one))),
+                         or_u8x64(or_u8x64(_nan_bits(v4, m7, one), _nan_bits(v5, m7, one)),
+                                  or_u8x64(_nan_bits(v6, m7, one), _nan_bits(v7, m7, one))))
+            b = or_u8x64(or_u8x64(or_u8x64(_nan_bits(v8, m7, one), _nan_bits(v9, m7, one)),
+                                  or_u8x64(_nan_bits(v10, m7, one), _nan_bits(v11, m7, one))),
+                         or_u8x64(or_u8x64(_nan_bits(v12, m7, one), _nan_bits(v13, m7, one)),
+                                  or_u8x64(_nan_bits(v14, m7, one), _nan_bits(v15, m7, one))))
             acc = or_u8x64(acc, or_u8x64(a, b))
             # vector p of the transpose = the 16 rows' 4 bytes of columns 64c + 4p .. + 3, row-major
             store_transpose16_u32(tmp, 0, as_u16x32(v0), as_u16x32(v1), as_u16x32(v2), as_u16x32(v3),

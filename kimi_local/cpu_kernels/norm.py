@@ -22,6 +22,7 @@ import torch
 from numba import njit, prange
 
 from . import as_numpy
+from .fp8_moe import kernel_threads
 from .simd import (add_f32x16, bf16_to_f32, bitcast_f32_u32, bitcast_u32_f32, cvt_f32_bf16, have_avx512_bf16,
                    hsum_f32x16, load_f32x16, load_u16x16, mul_f32x16, splat_f32x16, store_u16x16, zero_f32x16)
 
@@ -102,7 +103,6 @@ def rms_norm(x: torch.Tensor, weight_f32: np.ndarray, eps: float) -> torch.Tenso
         o = np.empty(xa.shape, np.uint16)
         rows = xa.reshape(-1, d)
         if rows.shape[0] > MAX_ROWS and rows.strides[1] == rows.itemsize and _simd_ok(x):   # unit-stride rows
-            from .fp8_moe import kernel_threads
             with kernel_threads():
                 _rms_bf16_simd(rows, weight_f32, np.float32(eps), o.reshape(-1, d))
         else:
@@ -141,6 +141,6 @@ def install(model: torch.nn.Module) -> int:
         w = np.ones(16, np.float32)
         for dtype in (torch.bfloat16, torch.float32):
             rms_norm(torch.ones(1, 16, dtype=dtype), w, 1e-6)
-            if _simd_ok(torch.ones(1, 16, dtype=dtype)):
-                rms_norm(torch.ones(MAX_ROWS + 1, 16, dtype=dtype), w, 1e-6)
+        if have_avx512_bf16():    # the prefill-sized SIMD kernel (bf16 only)
+            rms_norm(torch.ones(MAX_ROWS + 1, 16, dtype=torch.bfloat16), w, 1e-6)
     return n
